@@ -29,7 +29,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, register_model
 
-__all__ = ['VAN', 'checkpoint_filter_fn', 'clean_state_dict', 'load_checkpoint_file', 'VAN_NAMES']
+from .fast_ops import check_fast_path, fast_path_modes, forward_features_nhwc, fuse_van, resolve_fast_path
+
+__all__ = ['VAN', 'checkpoint_filter_fn', 'clean_state_dict', 'load_checkpoint_file', 'VAN_NAMES', 'fast_path_modes']
 
 # Prefixes that wrappers add to every key: DDP (`module.`) and torch.compile (`_orig_mod.`).
 _WRAPPER_PREFIXES = ('module.', '_orig_mod.')
@@ -174,10 +176,12 @@ class VAN(nn.Module):
             depths: Tuple[int, ...] = (3, 4, 6, 3),
             num_stages: int = 4,
             global_pool: str = 'avg',
+            fast_path: str = 'none',
             **kwargs,
     ):
         """`img_size` is accepted for the reference's signature; VAN works at any input size.
-        `drop_rate` is the MLP dropout, as in the reference (VAN has no dropout before the head)."""
+        `drop_rate` is the MLP dropout, as in the reference (VAN has no dropout before the head).
+        `fast_path` selects the execution mode (see `set_fast_path`); 'none' runs the reference's ops."""
         super().__init__()
         if kwargs:
             raise TypeError(f'VAN got unexpected keyword arguments: {sorted(kwargs)}')
@@ -191,8 +195,10 @@ class VAN(nn.Module):
         self.global_pool = global_pool
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
+        self.fast_path = check_fast_path(fast_path)
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # stochastic depth decay rule
+        # stochastic depth decay rule (on cpu, so that building on the meta device works)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         cur = 0
         self.feature_info = []
         for i in range(num_stages):
@@ -238,6 +244,24 @@ class VAN(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable
 
+    def set_fast_path(self, mode: str = 'auto') -> 'VAN':
+        """Select how the same modules execute: one of `fast_path_modes()` (models/fast_ops.py documents them).
+
+        A runtime mode only: parameters, buffers and state_dict keys are unchanged, so it may be called at any
+        time (after `.to(device)`, before DDP or torch.compile wrap the model) and checkpoints stay official.
+        'auto' is resolved per call from the input's device type. Returns the model.
+        """
+        self.fast_path = check_fast_path(mode)
+        return self
+
+    def fuse(self, nhwc: Optional[bool] = None) -> nn.Module:
+        """An inference-only copy (eval, no grad) with BatchNorm and layer scales folded into the convolutions.
+
+        Outputs equal this model's in eval mode (1e-5); the copy is built from plain ops and traces for ONNX.
+        nhwc=None follows this model's fast path (NHWC unless 'none'); this model is left unchanged.
+        """
+        return fuse_van(self, nhwc=nhwc)
+
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -262,6 +286,11 @@ class VAN(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         # x: B, in_chans, H, W -> B, embed_dims[-1], H / 32, W / 32
+        mode = resolve_fast_path(self.fast_path, x.device.type)
+        if mode != 'none':
+            # Same modules executed on NHWC tensors; returns a (channels_last) NCHW view with the same values.
+            checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
+            return forward_features_nhwc(self, x, compiled=mode == 'nhwc_compiled', grad_checkpointing=checkpointing)
         for i in range(1, self.num_stages + 1):
             x = getattr(self, f'patch_embed{i}')(x)  # B, C_i, H / (4 * 2**(i-1)), W / ...
             x = self._run_blocks(getattr(self, f'block{i}'), x)

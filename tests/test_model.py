@@ -1,0 +1,648 @@
+"""Tests of models/van.py (issue "VAN-B0..B6 in models/van.py"), CPU only, small inputs.
+
+The oracle for numerical equality is tests/reference_van.py, an independent re-implementation of the
+reference network from /work/shared/reference/VAN.md in the reference's own style.
+"""
+import email.message
+import io
+import math
+import os
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+import torch.nn as nn
+
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_TESTS)
+for _p in (_ROOT, _TESTS):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import timm  # noqa: E402
+import models  # noqa: E402,F401  (registers the VAN variants with timm)
+from models import VAN_NAMES  # noqa: E402
+from models.van import load_checkpoint_file  # noqa: E402
+from reference_van import REF_ARCHS, ref_van  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ALIASES = {'van_tiny': 'van_b0', 'van_small': 'van_b1', 'van_base': 'van_b2', 'van_large': 'van_b3'}
+EMBED_DIMS = {n: a['embed_dims'] for n, a in REF_ARCHS.items()}
+IMG = 64
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def _meta(name, **kwargs):
+    """Build a registered model on the meta device (no memory, no init cost)."""
+    with torch.device('meta'):
+        return timm.create_model(name, **kwargs)
+
+
+def _n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def _assert_close_rel(actual, expected, rel, what=''):
+    """|actual - expected| <= rel * max|expected| elementwise (a relative tolerance on the tensor's scale)."""
+    scale = expected.detach().abs().max().item()
+    atol = rel * max(scale, 1e-12)
+    torch.testing.assert_close(actual.detach(), expected.detach(), rtol=0, atol=atol, msg=lambda m: f'{what}: {m}')
+
+
+def _assert_grads_close(params, ref_params, rel):
+    """Every gradient within rel * its scale. A conv bias followed by train-mode BN (patch_embed*.proj.bias)
+    has a zero gradient up to round-off, so a bias is judged on the scale of its layer's weight gradient."""
+    assert set(params) == set(ref_params)
+    for n, p in params.items():
+        g_ref = ref_params[n].grad
+        assert p.grad is not None and g_ref is not None, n
+        scale = g_ref.abs().max().item()
+        if n.endswith('.bias') and n[:-5] + '.weight' in ref_params:
+            scale = max(scale, ref_params[n[:-5] + '.weight'].grad.abs().max().item())
+        torch.testing.assert_close(p.grad, g_ref, rtol=0, atol=rel * max(scale, 1e-12),
+                                   msg=lambda m: f'grad {n}: {m}')
+
+
+def _randomize(model, seed=0):
+    """Make BN running stats/affines, LayerNorm affines, layer scales and head bias non-trivial, in place."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(t, scale):
+        return torch.randn(t.shape, generator=g) * scale
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(rn(m.running_mean, 0.1))
+                m.running_var.copy_(0.75 + 0.5 * torch.rand(m.running_var.shape, generator=g))
+                m.weight.copy_(1 + rn(m.weight, 0.1))
+                m.bias.copy_(rn(m.bias, 0.1))
+                m.num_batches_tracked.fill_(7)
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.copy_(1 + rn(m.weight, 0.1))
+                m.bias.copy_(rn(m.bias, 0.1))
+            elif isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.copy_(rn(m.bias, 0.01))
+        for n, p in model.named_parameters():
+            if 'layer_scale' in n:
+                p.copy_(0.1 + 0.3 * torch.rand(p.shape, generator=g))
+    return model
+
+
+def _official_state_dict(variant='van_b0', seed=0, **kwargs):
+    """A state dict in the official key layout, from the reference implementation, randomized."""
+    torch.manual_seed(seed)
+    ref = _randomize(ref_van(variant, **kwargs), seed)
+    return {k: v.clone() for k, v in ref.state_dict().items()}
+
+
+def _save(path, obj):
+    torch.save(obj, path)
+    return str(path)
+
+
+def _assert_state_equal(model, sd, skip_prefix=None):
+    own = model.state_dict()
+    keys = [k for k in own if not (skip_prefix and k.startswith(skip_prefix))]
+    assert set(keys) == {k for k in sd if not (skip_prefix and k.startswith(skip_prefix))}
+    for k in keys:
+        assert own[k].shape == sd[k].shape, k
+        assert torch.equal(own[k], sd[k]), f'{k} differs from the file'
+
+
+# ------------------------------------------------------------------------------------------ size / shapes
+
+@pytest.mark.parametrize('name,expected_m', [('van_b0', 4.1), ('van_b1', 13.9), ('van_b2', 26.6), ('van_b3', 44.8)])
+def test_param_count_1000_classes(name, expected_m):
+    model = _meta(name)
+    n = _n_params(model)
+    assert abs(n / 1e6 - expected_m) <= 0.05, f'{name}: {n / 1e6:.3f}M params, paper says {expected_m}M'
+    with torch.device('meta'):
+        ref = ref_van(name)
+    assert n == _n_params(ref)
+
+
+@pytest.mark.parametrize('name', VAN_NAMES)
+def test_state_dict_layout_matches_reference(name):
+    """Same keys and shapes as the reference (i.e. the official checkpoints' layout) for every variant."""
+    model = _meta(name)
+    with torch.device('meta'):
+        ref = ref_van(ALIASES.get(name, name))
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert set(own) == set(theirs), (sorted(set(own) - set(theirs))[:5], sorted(set(theirs) - set(own))[:5])
+    assert own == theirs
+    # the documented official key names
+    for k in ('patch_embed1.proj.weight', 'patch_embed1.norm.running_mean', 'block1.0.norm1.weight',
+              'block1.0.attn.proj_1.weight', 'block1.0.attn.spatial_gating_unit.conv0.weight',
+              'block1.0.attn.spatial_gating_unit.conv_spatial.weight',
+              'block1.0.attn.spatial_gating_unit.conv1.weight', 'block1.0.attn.proj_2.weight',
+              'block1.0.mlp.fc1.weight', 'block1.0.mlp.dwconv.dwconv.weight', 'block1.0.mlp.fc2.weight',
+              'block1.0.layer_scale_1', 'norm1.weight', 'norm4.bias', 'head.weight', 'head.bias'):
+        assert k in own, k
+
+
+def test_module_hyperparameters_match_reference():
+    """Conv geometry, norm eps/momentum, GELU flavour: the things a shape check would not see."""
+    model = timm.create_model('van_b0', drop_path_rate=0.1)
+    ref = ref_van('van_b0', drop_path_rate=0.1)
+    ours = dict(model.named_modules())
+    n_checked = 0
+    for name, r in ref.named_modules():
+        if isinstance(r, (nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm, nn.Linear, nn.GELU)):
+            m = ours[name]
+            assert isinstance(m, type(r)), (name, type(m))
+            if isinstance(r, nn.Conv2d):
+                for attr in ('in_channels', 'out_channels', 'kernel_size', 'stride', 'padding', 'dilation',
+                             'groups', 'padding_mode'):
+                    assert getattr(m, attr) == getattr(r, attr), (name, attr)
+                assert (m.bias is None) == (r.bias is None), name
+            elif isinstance(r, nn.BatchNorm2d):
+                assert (m.eps, m.momentum, m.affine, m.track_running_stats) == \
+                       (r.eps, r.momentum, r.affine, r.track_running_stats), name
+            elif isinstance(r, nn.LayerNorm):
+                assert m.eps == r.eps == 1e-6, name
+                assert m.normalized_shape == r.normalized_shape, name
+            elif isinstance(r, nn.GELU):
+                assert m.approximate == r.approximate == 'none', name
+            n_checked += 1
+    assert n_checked > 100
+    # stochastic depth: linspace(0, rate, sum(depths)) over all blocks, in order
+    ours_dp = [getattr(b.drop_path, 'drop_prob', 0.) for i in range(1, 5) for b in getattr(model, f'block{i}')]
+    ref_dp = [getattr(b.drop_path, 'drop_prob', 0.) for i in range(1, 5) for b in getattr(ref, f'block{i}')]
+    assert ours_dp == pytest.approx(ref_dp)
+    assert ours_dp == pytest.approx(torch.linspace(0, 0.1, 13).tolist())
+
+
+def test_init_matches_reference_recipe():
+    torch.manual_seed(0)
+    model = timm.create_model('van_b0')
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            if m.bias is not None:
+                assert torch.all(m.bias == 0), name
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            if m.weight.numel() >= 4096:
+                std = m.weight.std().item()
+                assert abs(std / math.sqrt(2.0 / fan_out) - 1) < 0.1, (name, std, math.sqrt(2.0 / fan_out))
+        elif isinstance(m, nn.LayerNorm):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0), name
+        elif isinstance(m, nn.BatchNorm2d):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0), name
+    for n, p in model.named_parameters():
+        if 'layer_scale' in n:
+            assert torch.all(p == 1e-2), n
+    w = model.head.weight
+    assert abs(w.std().item() - 0.02) < 0.002 and w.abs().max().item() <= 2.0 and torch.all(model.head.bias == 0)
+
+
+@pytest.mark.parametrize('name', VAN_NAMES)
+def test_forward_shape_every_name(name):
+    x = torch.randn(2, 3, IMG, IMG)
+    if name not in ('van_b0', 'van_b1', 'van_b2'):  # big (b3-b6: 45-200M params) or aliases: meta device
+        model = _meta(name, num_classes=7).eval()
+        with torch.device('meta'):
+            out = model(x.to('meta'))
+            feats = model.forward_features(x.to('meta'))
+    else:
+        torch.manual_seed(0)
+        model = timm.create_model(name, num_classes=7).eval()
+        with torch.no_grad():
+            out = model(x)
+            feats = model.forward_features(x)
+        assert torch.isfinite(out).all()
+    dims = EMBED_DIMS[ALIASES.get(name, name)]
+    assert out.shape == (2, 7)
+    assert feats.shape == (2, dims[3], IMG // 32, IMG // 32)
+    assert model.num_classes == 7 and model.num_features == dims[3]
+    assert model.pretrained_cfg['first_conv'] == 'patch_embed1.proj'
+    assert model.pretrained_cfg['classifier'] == 'head'
+
+
+def test_backward_every_parameter_gets_finite_gradient():
+    torch.manual_seed(0)
+    model = timm.create_model('van_b0', num_classes=7, drop_path_rate=0.1).train()
+    x = torch.randn(2, 3, IMG, IMG)
+    out = model(x)
+    (out * torch.randn_like(out)).sum().backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None, f'{n}: no gradient'
+        assert torch.isfinite(p.grad).all(), f'{n}: non-finite gradient'
+        assert p.grad.abs().sum() > 0, f'{n}: zero gradient'
+
+
+# ------------------------------------------------------------------------------------ reference equality
+
+def _pair(variant, seed=0, **kwargs):
+    """(ours, reference) with the same (randomized) weights, loaded strictly."""
+    torch.manual_seed(seed)
+    ref = _randomize(ref_van(variant, **kwargs), seed)
+    model = timm.create_model(variant, **kwargs)
+    model.load_state_dict(ref.state_dict(), strict=True)
+    assert set(model.state_dict()) == set(ref.state_dict())
+    return model, ref
+
+
+@pytest.mark.parametrize('dtype,rel', [(torch.float64, 1e-10), (torch.float32, 5e-5)])
+@pytest.mark.parametrize('variant', ['van_b0', 'van_b2'])
+def test_equal_to_reference_eval(variant, dtype, rel):
+    """Eval logits equal the reference's. In float64 the two agree to ~1e-14, so 1e-10 is far above round-off;
+    in float32 the two differ by round-off (our stage outputs are channels_last, which picks other conv
+    kernels), ~1e-5 of the logits' scale for b2 with large layer scales."""
+    model, ref = _pair(variant)
+    model.to(dtype).eval(), ref.to(dtype).eval()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, IMG, IMG, dtype=dtype)
+    with torch.no_grad():
+        expected = ref(x)
+        out = model(x)
+    assert out.dtype == dtype
+    assert expected.abs().max() > 1e-3
+    _assert_close_rel(out, expected, rel, 'eval logits')
+    # also at a size that is not a multiple of 32 (odd feature-map sizes)
+    x = torch.randn(1, 3, 45, 53, dtype=dtype)
+    with torch.no_grad():
+        _assert_close_rel(model(x), ref(x), rel, 'eval logits 45x53')
+
+
+@pytest.mark.parametrize('variant', ['van_b0', 'van_b2'])
+def test_equal_to_reference_train(variant):
+    """Train mode (BN batch statistics): logits, every parameter gradient, input gradient, BN running stats."""
+    model, ref = _pair(variant)
+    model.train(), ref.train()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, IMG, IMG)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = model(xa), ref(xb)
+    _assert_close_rel(out, expected, 1e-5, 'train logits')
+    w = torch.randn_like(expected)
+    (out * w).sum().backward()
+    (expected * w).sum().backward()
+    ref_params = dict(ref.named_parameters())
+    own_params = dict(model.named_parameters())
+    assert set(own_params) == set(ref_params)
+    _assert_grads_close(own_params, ref_params, 1e-4)
+    _assert_close_rel(xa.grad, xb.grad, 1e-4, 'input grad')
+    ref_sd = ref.state_dict()
+    for k, v in model.state_dict().items():
+        if 'running_' in k or 'num_batches' in k:
+            _assert_close_rel(v.float(), ref_sd[k].float(), 1e-5, k)
+
+
+def test_equal_to_reference_with_drop_path_same_rng():
+    """Stochastic depth draws in the same order as the reference: same seed -> same training outputs."""
+    model, ref = _pair('van_b0', drop_path_rate=0.3)
+    model.train(), ref.train()
+    x = torch.randn(2, 3, IMG, IMG)
+    torch.manual_seed(123)
+    out = model(x)
+    torch.manual_seed(123)
+    expected = ref(x)
+    _assert_close_rel(out, expected, 1e-5, 'train logits with drop path')
+
+
+# -------------------------------------------------------------------------------- pretrained file loading
+
+@pytest.mark.parametrize('prefix,wrap', [
+    ('module.', True), ('_orig_mod.', True), ('', True), ('', False), ('module._orig_mod.', True),
+])
+def test_official_file_round_trip(tmp_path, prefix, wrap):
+    sd = _official_state_dict('van_b0')
+    payload = {prefix + k: v for k, v in sd.items()}
+    if wrap:
+        payload = {'state_dict': payload, 'epoch': 299, 'arch': 'van_tiny'}
+    path = _save(tmp_path / 'van_tiny_754.pth.tar', payload)
+    model = timm.create_model('van_b0', pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    _assert_state_equal(model, sd)
+    # and the weights are used: same output as the reference holding them
+    ref = ref_van('van_b0')
+    ref.load_state_dict(sd, strict=True)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        _assert_close_rel(model.eval()(x), ref.eval()(x), 1e-5, 'logits after loading')
+
+
+def test_alias_loads_official_file(tmp_path):
+    sd = _official_state_dict('van_b2')
+    path = _save(tmp_path / 'van_base_828.pth.tar', {'state_dict': {'module.' + k: v for k, v in sd.items()}})
+    model = timm.create_model('van_base', pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    _assert_state_equal(model, sd)
+
+
+def test_file_of_other_variant_fails_naming_keys(tmp_path):
+    sd = _official_state_dict('van_b1')
+    path = _save(tmp_path / 'van_small_811.pth.tar', {'state_dict': sd})
+    with pytest.raises(RuntimeError) as ei:
+        timm.create_model('van_b0', pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    msg = str(ei.value)
+    assert path in msg
+    assert 'block1.2.norm1.weight' in msg  # b0 has 3 blocks in stage 1, b1 only 2: missing
+    assert 'patch_embed1.proj.weight' in msg  # 64 vs 32 channels: shape mismatch
+    assert '(64, 3, 7, 7)' in msg and '(32, 3, 7, 7)' in msg
+
+
+def test_file_with_missing_and_unexpected_keys_fails_naming_them(tmp_path):
+    sd = _official_state_dict('van_b0')
+    del sd['block2.1.attn.spatial_gating_unit.conv_spatial.weight']
+    del sd['norm4.bias']
+    sd['block5.0.layer_scale_1'] = torch.zeros(3)
+    path = _save(tmp_path / 'broken.pth.tar', {'state_dict': sd})
+    with pytest.raises(RuntimeError) as ei:
+        timm.create_model('van_b0', pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    msg = str(ei.value)
+    assert 'block2.1.attn.spatial_gating_unit.conv_spatial.weight' in msg
+    assert 'norm4.bias' in msg
+    assert 'block5.0.layer_scale_1' in msg
+
+
+def test_file_with_other_num_classes_fails_at_1000(tmp_path):
+    sd = _official_state_dict('van_b0', num_classes=10)
+    path = _save(tmp_path / 'ten.pth.tar', {'state_dict': sd})
+    with pytest.raises(RuntimeError) as ei:
+        timm.create_model('van_b0', pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    assert 'head.weight' in str(ei.value)
+
+
+def test_new_num_classes_reinitializes_head_only(tmp_path):
+    sd = _official_state_dict('van_b0')
+    path = _save(tmp_path / 'van_tiny_754.pth.tar', {'state_dict': {'module.' + k: v for k, v in sd.items()}})
+    model = timm.create_model('van_b0', pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=path))
+    assert model.head.weight.shape == (10, 256) and model.head.bias.shape == (10,)
+    assert model.num_classes == 10
+    _assert_state_equal(model, sd, skip_prefix='head.')
+    # the new head is freshly initialized: none of its rows is any row of the file's head
+    dist = torch.cdist(model.head.weight.detach(), sd['head.weight'])
+    assert dist.min() > 0
+    assert not torch.equal(model.head.bias, sd['head.bias'][:10]) or torch.all(model.head.bias == 0)
+    assert torch.all(model.head.bias == 0)
+    assert abs(model.head.weight.std().item() - 0.02) < 0.01
+    out = model.eval()(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+
+
+def _fake_response(data):
+    class _Resp(io.BytesIO):
+        def info(self):
+            msg = email.message.Message()
+            msg['Content-Length'] = str(len(data))
+            return msg
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.close()
+    return _Resp(data)
+
+
+def _patch_network(monkeypatch, handler):
+    """Route every urlopen that torch.hub (or urllib) would make through `handler`."""
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(urllib.request, 'urlopen', handler)
+    if hasattr(torch.hub, 'urlopen'):
+        monkeypatch.setattr(torch.hub, 'urlopen', handler)
+
+
+@pytest.fixture
+def empty_hub_dir(tmp_path, monkeypatch):
+    hub = tmp_path / 'hub'
+    monkeypatch.setattr(torch.hub, '_hub_dir', torch.hub._hub_dir)  # restored after the test
+    torch.hub.set_dir(str(hub))
+    yield hub
+    assert torch.hub.get_dir() == str(hub)
+
+
+def test_offline_without_file_says_what_to_download_and_where(empty_hub_dir, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError('network is unreachable (test)')
+
+    _patch_network(monkeypatch, no_network)
+    with pytest.raises(RuntimeError) as ei:
+        timm.create_model('van_b0', pretrained=True)
+    msg = str(ei.value)
+    assert 'van_tiny_754.pth.tar' in msg
+    assert str(empty_hub_dir / 'checkpoints' / 'van_tiny_754.pth.tar') in msg
+    assert 'huggingface.co/Visual-Attention-Network/VAN-Tiny-original' in msg
+    assert 'URLError' in msg or 'unreachable' in msg  # failed on the network, not on something else
+    ckpt_dir = empty_hub_dir / 'checkpoints'
+    assert not ckpt_dir.exists() or not any(ckpt_dir.iterdir())  # no partial file left behind
+
+
+def test_pretrained_downloads_into_fresh_hub_dir(empty_hub_dir, monkeypatch, tmp_path):
+    sd = _official_state_dict('van_b0')
+    buf = io.BytesIO()
+    torch.save({'state_dict': sd}, buf)
+    data = buf.getvalue()
+    requested = []
+
+    def serve(req, *args, **kwargs):
+        requested.append(getattr(req, 'full_url', req))
+        return _fake_response(data)
+
+    _patch_network(monkeypatch, serve)
+    model = timm.create_model('van_b0', pretrained=True)
+    assert requested == [model.pretrained_cfg['url']]
+    assert requested[0].endswith('/VAN-Tiny-original/resolve/main/van_tiny_754.pth.tar')
+    _assert_state_equal(model, sd)
+    assert (empty_hub_dir / 'checkpoints' / 'van_tiny_754.pth.tar').is_file()
+
+    # second time: from the cache, without the network
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError('network is unreachable (test)')
+
+    _patch_network(monkeypatch, no_network)
+    model = timm.create_model('van_tiny', pretrained=True)
+    _assert_state_equal(model, sd)
+
+
+def test_pretrained_without_published_weights_says_so():
+    with pytest.raises(RuntimeError) as ei:
+        _meta('van_b4', pretrained=True)
+    assert 'van_b4' in str(ei.value) and 'file' in str(ei.value)
+
+
+class _CustomObject:
+    """Anything torch.load(weights_only=True) refuses to unpickle."""
+
+    def __init__(self):
+        self.payload = torch.zeros(2)
+
+
+def test_load_checkpoint_file_refuses_full_unpickling(tmp_path):
+    path = _save(tmp_path / 'evil.pth', {'state_dict': {}, 'obj': _CustomObject()})
+    with pytest.raises(ValueError) as ei:
+        load_checkpoint_file(path)
+    assert '--trust-checkpoint' in str(ei.value)
+    assert path in str(ei.value)
+    loaded = load_checkpoint_file(path, trust=True)  # explicitly trusted: loads
+    assert isinstance(loaded['obj'], _CustomObject)
+    # the pretrained path goes through the same guard
+    with pytest.raises(ValueError, match='--trust-checkpoint'):
+        timm.create_model('van_b0', pretrained=True, pretrained_cfg_overlay=dict(file=path))
+
+
+def test_load_checkpoint_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint_file(str(tmp_path / 'nope.pth'))
+    junk = tmp_path / 'junk.pth'
+    junk.write_bytes(b'this is not a checkpoint')
+    with pytest.raises(ValueError) as ei:
+        load_checkpoint_file(str(junk))
+    assert str(junk) in str(ei.value)
+
+
+# ------------------------------------------------------------------------------------- timm model API
+
+def test_classifier_api():
+    torch.manual_seed(0)
+    model = timm.create_model('van_b0').eval()
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        pre = model.forward_head(feats, pre_logits=True)
+        logits = model(x)
+    assert pre.shape == (2, 256)
+    torch.testing.assert_close(pre, feats.mean(dim=(2, 3)))
+    torch.testing.assert_close(logits, model.head(pre))
+    assert model.get_classifier() is model.head and isinstance(model.head, nn.Linear)
+
+    model.reset_classifier(5)
+    assert model.num_classes == 5
+    assert isinstance(model.get_classifier(), nn.Linear) and model.get_classifier().out_features == 5
+    with torch.no_grad():
+        assert model(x).shape == (2, 5)
+
+    model.reset_classifier(0)
+    assert model.num_classes == 0 and isinstance(model.get_classifier(), nn.Identity)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (2, 256)
+    torch.testing.assert_close(out, pre)
+
+    model = timm.create_model('van_b0', num_classes=0).eval()
+    with torch.no_grad():
+        assert model(x).shape == (2, 256)
+
+
+def test_features_only():
+    torch.manual_seed(0)
+    full = _randomize(timm.create_model('van_b0')).eval()
+    sd = {k: v for k, v in full.state_dict().items() if not k.startswith('head.')}
+    fm = timm.create_model('van_b0', features_only=True, out_indices=(0, 1, 2, 3)).eval()
+    fm.load_state_dict(sd, strict=True)
+    assert fm.feature_info.reduction() == [4, 8, 16, 32]
+    assert fm.feature_info.channels() == [32, 64, 160, 256]
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        feats = fm(x)
+        # the stage outputs of the classifier model, computed by hand
+        expected, y = [], x
+        for i in range(1, 5):
+            y = getattr(full, f'norm{i}')(getattr(full, f'block{i}')(getattr(full, f'patch_embed{i}')(y)))
+            expected.append(y)
+        last = full.forward_features(x)
+    assert [tuple(f.shape) for f in feats] == [(2, 32, 16, 16), (2, 64, 8, 8), (2, 160, 4, 4), (2, 256, 2, 2)]
+    for f, e in zip(feats, expected):
+        torch.testing.assert_close(f, e)
+    torch.testing.assert_close(feats[3], last)
+
+    fm2 = timm.create_model('van_b0', features_only=True, out_indices=(1, 3)).eval()
+    fm2.load_state_dict(sd, strict=True)
+    assert fm2.feature_info.reduction() == [8, 32]
+    assert fm2.feature_info.channels() == [64, 256]
+    with torch.no_grad():
+        feats2 = fm2(x)
+    assert [tuple(f.shape) for f in feats2] == [(2, 64, 8, 8), (2, 256, 2, 2)]
+    torch.testing.assert_close(feats2[0], expected[1])
+    torch.testing.assert_close(feats2[1], expected[3])
+
+
+def test_grad_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    a = _randomize(timm.create_model('van_b0')).train()
+    b = timm.create_model('van_b0').train()
+    b.load_state_dict(a.state_dict(), strict=True)
+    b.set_grad_checkpointing(True)
+    # count block forward calls: with checkpointing each block runs again during backward
+    calls = {'n': 0}
+    for blk in b.block2:
+        blk.register_forward_hook(lambda *args: calls.__setitem__('n', calls['n'] + 1))
+    x = torch.randn(2, 3, IMG, IMG)
+    out_a, out_b = a(x), b(x)
+    _assert_close_rel(out_b, out_a, 1e-5, 'logits')
+    w = torch.randn_like(out_a)
+    (out_a * w).sum().backward()
+    n_fwd = calls['n']
+    (out_b * w).sum().backward()
+    assert n_fwd == len(b.block2) and calls['n'] == 2 * len(b.block2), 'blocks were not recomputed'
+    _assert_grads_close(dict(b.named_parameters()), dict(a.named_parameters()), 1e-5)
+
+
+def test_grad_checkpointing_bn_running_stats_updated_once():
+    """Recomputing a block in backward must not update its BatchNorm running statistics a second time."""
+    torch.manual_seed(0)
+    a = timm.create_model('van_b0').train()
+    b = timm.create_model('van_b0').train()
+    b.load_state_dict(a.state_dict(), strict=True)
+    b.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, IMG, IMG)
+    a(x).sum().backward()
+    b(x).sum().backward()
+    sa = a.state_dict()
+    for k, v in b.state_dict().items():
+        if 'running_' in k or 'num_batches' in k:
+            _assert_close_rel(v.float(), sa[k].float(), 1e-5, k)
+
+
+def test_channels_last_eval_equal():
+    torch.manual_seed(0)
+    model = _randomize(timm.create_model('van_b0')).eval()
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        expected = model(x)
+        out_input_cl = model(x.contiguous(memory_format=torch.channels_last))
+        model = model.to(memory_format=torch.channels_last)
+        out_model_cl = model(x.contiguous(memory_format=torch.channels_last))
+        out_model_cl_nchw_in = model(x)
+    for out, what in ((out_input_cl, 'channels_last input'), (out_model_cl, 'channels_last model'),
+                      (out_model_cl_nchw_in, 'channels_last model, NCHW input')):
+        _assert_close_rel(out, expected, 1e-5, what)
+
+
+@pytest.mark.parametrize('alias,target', sorted(ALIASES.items()))
+def test_aliases_build_same_network(alias, target):
+    a, t = _meta(alias), _meta(target)
+    assert {k: tuple(v.shape) for k, v in a.state_dict().items()} == \
+           {k: tuple(v.shape) for k, v in t.state_dict().items()}
+    assert a.pretrained_cfg['url'] == t.pretrained_cfg['url'] != ''
+    for key in ('input_size', 'crop_pct', 'interpolation', 'mean', 'std', 'num_classes'):
+        assert a.pretrained_cfg[key] == t.pretrained_cfg[key], key
+    assert a.depths == t.depths and a.embed_dims == t.embed_dims
+
+
+def test_pretrained_cfg_matches_reference_data_config():
+    official = {'van_b0': 'van_tiny_754.pth.tar', 'van_b1': 'van_small_811.pth.tar',
+                'van_b2': 'van_base_828.pth.tar', 'van_b3': 'van_large_839.pth.tar'}
+    hf = {'van_b0': 'Tiny', 'van_b1': 'Small', 'van_b2': 'Base', 'van_b3': 'Large'}
+    for name, file in official.items():
+        cfg = _meta(name).pretrained_cfg
+        assert cfg['url'] == (f'https://huggingface.co/Visual-Attention-Network/VAN-{hf[name]}-original'
+                              f'/resolve/main/{file}')
+        assert tuple(cfg['input_size']) == (3, 224, 224) and cfg['crop_pct'] == 0.9
+        assert cfg['interpolation'] == 'bicubic' and cfg['num_classes'] == 1000
+        assert tuple(cfg['mean']) == pytest.approx((0.485, 0.456, 0.406))
+        assert tuple(cfg['std']) == pytest.approx((0.229, 0.224, 0.225))
+
+
+def test_no_weight_decay_names_layer_scales():
+    model = _meta('van_b0')
+    nwd = model.no_weight_decay()
+    params = dict(model.named_parameters())
+    expected = {n for n in params if n.endswith(('layer_scale_1', 'layer_scale_2'))}
+    assert len(expected) == 2 * sum(model.depths) == 26
+    assert set(nwd) == expected
+    assert all(n in params for n in nwd)

@@ -1,0 +1,95 @@
+"""Model, optimizer, loss and mixup from the parsed arguments (shared by train.py, validate.py and predict.py)."""
+import logging
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+import models  # noqa: F401 - registers the VAN names with timm
+from models.van import VAN_NAMES
+from .config import UsageError
+
+_logger = logging.getLogger('vancls')
+
+
+def check_model_name(name: str):
+    if name not in VAN_NAMES:
+        raise UsageError(f'--model {name!r} is not a VAN model; choose one of: {", ".join(VAN_NAMES)}')
+
+
+def create_model(args, num_classes: int, pretrained: bool = False, **extra) -> nn.Module:
+    """A VAN from the registry; `--pretrained` loads the official weights (`--pretrained-path` for a local file)."""
+    import timm
+    check_model_name(args.model)
+    kwargs = dict(num_classes=num_classes, **extra)
+    for name, dest in (('drop_rate', 'drop'), ('drop_path_rate', 'drop_path')):
+        if getattr(args, dest, None) is not None:
+            kwargs[name] = getattr(args, dest)
+    if getattr(args, 'in_chans', None):
+        kwargs['in_chans'] = args.in_chans
+    if pretrained and getattr(args, 'pretrained_path', None):
+        kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path)
+    kwargs['trust_checkpoint'] = getattr(args, 'trust_checkpoint', False)
+    return timm.create_model(args.model, pretrained=pretrained, **kwargs)
+
+
+def check_optimizer_name(name: str):
+    from timm.optim import list_optimizers
+    available = list_optimizers()
+    if name.lower() not in available:
+        raise UsageError(f'--opt {name!r} is not a timm optimizer; choose one of: {", ".join(available)}')
+
+
+def create_optimizer(args, model: nn.Module, device: torch.device):
+    """timm's optimizer factory (weight decay skips 1-D params, as in the reference); fused AdamW where it exists.
+
+    `--opt-impl auto` uses torch's fused AdamW kernel on cuda/cpu (measured 3-6x faster optimizer steps on this
+    project's CPU), foreach elsewhere; `--opt-impl plain` gives the per-parameter loop of the reference.
+    """
+    from timm.optim import create_optimizer_v2
+    check_optimizer_name(args.opt)
+    kwargs = {}
+    if args.opt_eps is not None:
+        kwargs['eps'] = args.opt_eps
+    if args.opt_betas is not None:
+        kwargs['betas'] = tuple(args.opt_betas)
+    impl = getattr(args, 'opt_impl', 'auto')
+    if args.opt.lower() in ('adamw', 'adam') and impl != 'plain':
+        fused_ok = device.type in ('cuda', 'cpu') and impl in ('auto', 'fused')
+        kwargs['fused' if fused_ok else 'foreach'] = True
+    elif impl == 'plain':
+        kwargs['foreach'] = False if args.opt.lower() in ('adamw', 'adam', 'sgd', 'momentum') else None
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                               momentum=args.momentum, layer_decay=args.layer_decay, **kwargs)
+
+
+def create_mixup(args, num_classes: int):
+    """timm's Mixup/CutMix (with label smoothing folded into the soft targets), or None when both are off."""
+    if not (args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None):
+        return None
+    from timm.data import Mixup
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=num_classes)
+
+
+def create_train_loss(args, mixup_active: bool) -> nn.Module:
+    from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    if args.bce_loss:
+        return BinaryCrossEntropy(smoothing=0. if mixup_active else args.smoothing)
+    if mixup_active:
+        return SoftTargetCrossEntropy()  # smoothing is already in mixup's targets
+    if args.smoothing:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def resolve_data_config(args) -> dict:
+    """Input size, interpolation, mean/std and crop_pct: command line first, then the model's pretrained_cfg."""
+    from timm.data import resolve_data_config as timm_resolve
+    from timm.models import get_pretrained_cfg
+    check_model_name(args.model)
+    cfg_args = {k: getattr(args, k, None) for k in ('input_size', 'img_size', 'crop_pct', 'mean', 'std',
+                                                    'interpolation', 'in_chans')}
+    return timm_resolve(cfg_args, pretrained_cfg=get_pretrained_cfg(args.model).to_dict())

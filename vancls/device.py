@@ -1,0 +1,226 @@
+"""Devices, distributed setup and mixed precision: the one place that knows about CUDA, Ascend NPUs and the CPU.
+
+A run is started either as a single process or by torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment).
+`--device auto` picks CUDA if available, else an Ascend NPU if torch_npu imports and sees a device, else the CPU.
+Each device type has one process-group backend: cuda -> nccl, npu -> hccl, cpu -> gloo.
+"""
+import contextlib
+import datetime
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+DEVICE_CHOICES = ('auto', 'cuda', 'npu', 'cpu')
+BACKENDS = {'cuda': 'nccl', 'npu': 'hccl', 'cpu': 'gloo'}
+AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
+
+
+class DeviceError(RuntimeError):
+    """The requested device cannot be used here; the message says why and what to do."""
+
+
+def import_torch_npu():
+    """Import torch_npu (which registers the `npu` device with torch) or return None when it is not installed."""
+    try:
+        return importlib.import_module('torch_npu')
+    except ImportError:
+        return None
+
+
+def _npu_available() -> bool:
+    return import_torch_npu() is not None and hasattr(torch, 'npu') and torch.npu.is_available()
+
+
+def resolve_device_type(requested: str) -> str:
+    """'auto' | 'cuda' | 'npu' | 'cpu' -> the device type to use, with a clear error when it is not usable."""
+    if requested not in DEVICE_CHOICES:
+        raise DeviceError(f'--device {requested!r} is not one of: {", ".join(DEVICE_CHOICES)}')
+    if requested == 'auto':
+        if torch.cuda.is_available():
+            return 'cuda'
+        return 'npu' if _npu_available() else 'cpu'
+    if requested == 'cuda' and not torch.cuda.is_available():
+        raise DeviceError('--device cuda: no CUDA device is visible to PyTorch (torch.cuda.is_available() is False; '
+                          f'torch {torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get("CUDA_VISIBLE_DEVICES")!r}). '
+                          'Use --device cpu or auto.')
+    if requested == 'npu':
+        if import_torch_npu() is None:
+            raise DeviceError('--device npu: torch_npu is not installed (it comes with Ascend CANN and the Ascend '
+                              'PyTorch adapter; source test/env_npu.sh first). Use --device cpu or auto.')
+        if not torch.npu.is_available():
+            raise DeviceError('--device npu: torch_npu imported but sees no NPU (check ASCEND_RT_VISIBLE_DEVICES '
+                              'and that CANN set_env.sh was sourced).')
+    return requested
+
+
+@dataclass
+class DistEnv:
+    """Where this process runs: its device, its rank among world_size processes, and the backend used."""
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    backend: Optional[str] = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def plan_device(requested: str, local_rank: int = 0) -> tuple:
+    """Pure decision, no side effects: (torch.device, backend) for this process."""
+    device_type = resolve_device_type(requested)
+    if device_type == 'cpu':
+        return torch.device('cpu'), BACKENDS['cpu']
+    return torch.device(device_type, local_rank), BACKENDS[device_type]
+
+
+def setup_distributed(requested: str = 'auto', timeout_min: int = 30) -> DistEnv:
+    """Select the device for this process and, under torchrun, join the process group (env:// rendezvous)."""
+    rank = int(os.environ.get('RANK', 0))
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    device, backend = plan_device(requested, local_rank)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    elif device.type == 'npu':
+        torch.npu.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend=backend, init_method='env://', rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=timeout_min))
+    return DistEnv(device=device, rank=rank, local_rank=local_rank, world_size=world_size,
+                   backend=backend if world_size > 1 else None)
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device_module(device: torch.device):
+    """torch.cuda / torch.npu for accelerators, None for the CPU."""
+    return getattr(torch, device.type, None) if device.type in ('cuda', 'npu') else None
+
+
+def synchronize(device: torch.device):
+    mod = device_module(device)
+    if mod is not None:
+        mod.synchronize()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process in MiB: max allocated on an accelerator, max resident set size on the CPU."""
+    mod = device_module(device)
+    if mod is not None:
+        return mod.max_memory_allocated(device) / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def all_reduce_sum(values: list, env: DistEnv) -> list:
+    """Sum a list of numbers over all ranks (returns the input on one process)."""
+    if not env.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=env.device if env.backend != 'gloo' else 'cpu')
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+class Amp:
+    """The one AMP code path: an autocast context plus loss scaling that is a no-op when disabled.
+
+    native: torch.autocast on the device with `dtype` and, for float16, a GradScaler (the role apex O1 played).
+    apex:   NVIDIA/Ascend apex.amp O1 (patched functions + dynamic loss scale); only where apex is installed.
+    """
+
+    def __init__(self, device: torch.device, enabled: bool = False, dtype: Optional[str] = None, impl: str = 'native'):
+        if impl not in ('native', 'apex'):
+            raise ValueError(f"--amp-impl {impl!r} is not one of: native, apex")
+        if dtype is not None and dtype not in AMP_DTYPES:
+            raise ValueError(f'--amp-dtype {dtype!r} is not one of: {", ".join(AMP_DTYPES)}')
+        self.device = device
+        self.enabled = enabled
+        self.impl = impl if enabled else 'native'
+        # float16 on accelerators (loss scaling needed), bfloat16 on the CPU (float16 CPU kernels are slow/partial).
+        self.dtype_name = dtype or ('bfloat16' if device.type == 'cpu' else 'float16')
+        self.dtype = AMP_DTYPES[self.dtype_name]
+        self._apex_amp = None
+        use_scaler = enabled and self.impl == 'native' and self.dtype == torch.float16
+        self.scaler = _make_grad_scaler(device, use_scaler)
+        self.skipped_steps = 0  # optimizer steps skipped by the scaler after an fp16 overflow
+
+    def attach_apex(self, model, optimizer):
+        """apex.amp.initialize(O1); call once after the optimizer exists. Returns (model, optimizer)."""
+        if self.impl != 'apex':
+            return model, optimizer
+        try:
+            from apex import amp as apex_amp
+        except ImportError:
+            raise DeviceError('--amp-impl apex: apex is not installed (build NVIDIA apex or Ascend apex from source; '
+                              'the PyPI package named apex is unrelated). Use --amp-impl native.') from None
+        self._apex_amp = apex_amp
+        return apex_amp.initialize(model, optimizer, opt_level='O1', loss_scale='dynamic', verbosity=0)
+
+    def autocast(self):
+        if not self.enabled or self.impl == 'apex':
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor, optimizer):
+        if self._apex_amp is not None:
+            with self._apex_amp.scale_loss(loss, optimizer) as scaled:
+                scaled.backward()
+        else:
+            self.scaler.scale(loss).backward()
+
+    def step(self, optimizer, parameters, clip_grad: Optional[float] = None, clip_mode: str = 'norm'):
+        """Unscale, clip, step and update the scale; counts the steps the scaler skipped."""
+        if self._apex_amp is not None:
+            params = list(self._apex_amp.master_params(optimizer))
+            _clip(params, clip_grad, clip_mode)
+            optimizer.step()
+            return
+        if clip_grad is not None:
+            self.scaler.unscale_(optimizer)
+            _clip(parameters, clip_grad, clip_mode)
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        if scale_before is not None and self.scaler.get_scale() < scale_before:
+            self.skipped_steps += 1
+
+    def state_dict(self) -> dict:
+        if self._apex_amp is not None:
+            return {'apex': self._apex_amp.state_dict()}
+        return self.scaler.state_dict() if self.scaler.is_enabled() else {}
+
+    def load_state_dict(self, state: dict):
+        if not state:
+            return
+        if self._apex_amp is not None and 'apex' in state:
+            self._apex_amp.load_state_dict(state['apex'])
+        elif self.scaler.is_enabled():
+            self.scaler.load_state_dict(state)
+
+
+def _make_grad_scaler(device: torch.device, enabled: bool):
+    try:
+        return torch.amp.GradScaler(device.type, enabled=enabled)
+    except (AttributeError, RuntimeError, TypeError):
+        # Older torch / torch_npu: the device module ships its own GradScaler.
+        return device_module(device).amp.GradScaler(enabled=enabled)
+
+
+def _clip(parameters, value: Optional[float], mode: str):
+    if value is None:
+        return
+    from timm.utils import dispatch_clip_grad
+    dispatch_clip_grad(parameters, value=value, mode=mode)

@@ -17,8 +17,9 @@ import torch
 
 from vancls import builders
 from vancls.checkpoint import (CheckpointManager, check_writable, find_auto_resume, load_model_weights,
-                               load_state_dict_checked, plain, resume_position, rng_state, set_rng_state)
-from vancls.config import UsageError, parse_with_config, run_cli
+                               load_state_dict_checked,
+                               remove_stale_temporaries, plain, resume_position, rng_state, set_rng_state)
+from vancls.config import UsageError, run_cli
 from vancls.data import build_datasets, build_loader, resolve_data_dir
 from vancls.device import Amp, DEVICE_CHOICES, cleanup_distributed, peak_memory_mb, setup_distributed
 from vancls.engine import EpochState, evaluate, train_one_epoch
@@ -147,6 +148,20 @@ def num_total_epochs(args) -> int:
     return args.epochs + (args.cooldown_epochs if args.epochs > 5 else 0)
 
 
+def ranks_in_sync(model, env) -> bool:
+    """Whether every rank ends with bitwise the same weights and buffers (DDP keeps them so; checked, not assumed)."""
+    if not env.distributed:
+        return True
+    import torch.distributed as dist
+    # Per-tensor float64 sums and sums of squares: identical tensors give identical values on every rank.
+    local = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()])
+                         for t in model.state_dict().values() if t.is_floating_point()]).flatten()
+    local = local.to(env.device if env.backend != 'gloo' else 'cpu')
+    gathered = [torch.empty_like(local) for _ in range(env.world_size)]
+    dist.all_gather(gathered, local)
+    return all(torch.equal(gathered[0], g) for g in gathered[1:])
+
+
 def main(args):
     check_args(args)
     env = setup_distributed(args.device)
@@ -157,7 +172,7 @@ def main(args):
 
 
 def _train(args, env):
-    from timm.scheduler import create_scheduler_v2
+    from models.timm_compat import create_scheduler as create_scheduler_v2  # timm 0.4.12 .. 1.x
     from timm.utils import ModelEmaV2, distribute_bn
 
     args.data_dir = resolve_data_dir(args.data_dir) if args.dataset != 'synthetic' else args.data_dir
@@ -165,6 +180,7 @@ def _train(args, env):
     out_dir = os.path.join(args.output, exp_name)
     if env.is_main:
         check_writable(out_dir)
+        remove_stale_temporaries(out_dir)
     logger = setup_logging(os.path.join(out_dir, 'train.log') if env.is_main else None, env.is_main)
     torch.manual_seed(args.seed + env.rank)
 
@@ -321,6 +337,7 @@ def _train(args, env):
             logger.info(f'Epoch {epoch}: train loss {train_metrics["loss"]:.4f}, '
                         f'{train_metrics["img_per_sec"]:.1f} img/s, bad images {bad}'
                         + (' (new best)' if is_best else ''))
+    in_sync = ranks_in_sync(model, env)
     if env.is_main:
         report.close()
         best_metric, best_epoch = ckpt_mgr.best_metric, ckpt_mgr.best_epoch
@@ -335,7 +352,7 @@ def _train(args, env):
             'train_img_per_sec': fps, 'peak_memory_mb': peak_memory_mb(env.device),
             'amp': amp.dtype_name if args.amp else None, 'skipped_steps': amp.skipped_steps,
             'bad_images': len(train_ds.bad_files) + len(getattr(val_ds, 'bad_files', [])),
-            'output_dir': out_dir, 'num_classes': num_classes,
+            'output_dir': out_dir, 'num_classes': num_classes, 'ranks_in_sync': in_sync,
         }
         write_json(results, os.path.join(out_dir, 'results.json'))
         logger.info(f'Training throughput: FPS: {fps:.2f}')
@@ -346,4 +363,4 @@ def _train(args, env):
 
 
 if __name__ == '__main__':
-    sys.exit(run_cli(main, parse_with_config(get_args_parser())))
+    sys.exit(run_cli(main, get_args_parser))

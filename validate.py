@@ -13,7 +13,7 @@ import torch
 
 from vancls import builders
 from vancls.checkpoint import load_model_weights
-from vancls.config import UsageError, parse_with_config, run_cli
+from vancls.config import UsageError, run_cli
 from vancls.data import build_datasets, build_loader
 from vancls.device import Amp, DEVICE_CHOICES, cleanup_distributed, setup_distributed
 from vancls.engine import evaluate
@@ -124,4 +124,4 @@ def _validate(args, env):
 
 
 if __name__ == '__main__':
-    sys.exit(run_cli(main, parse_with_config(get_args_parser())))
+    sys.exit(run_cli(main, get_args_parser))

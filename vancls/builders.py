@@ -34,7 +34,7 @@ def create_model(args, num_classes: int, pretrained: bool = False, **extra) -> n
 
 
 def check_optimizer_name(name: str):
-    from timm.optim import list_optimizers
+    from models.timm_compat import list_optimizers
     available = list_optimizers()
     if name.lower() not in available:
         raise UsageError(f'--opt {name!r} is not a timm optimizer; choose one of: {", ".join(available)}')
@@ -46,7 +46,7 @@ def create_optimizer(args, model: nn.Module, device: torch.device):
     `--opt-impl auto` uses torch's fused AdamW kernel on cuda/cpu (measured 3-6x faster optimizer steps on this
     project's CPU), foreach elsewhere; `--opt-impl plain` gives the per-parameter loop of the reference.
     """
-    from timm.optim import create_optimizer_v2
+    from models.timm_compat import create_optimizer as create_optimizer_v2  # timm 0.4.12 .. 1.x
     check_optimizer_name(args.opt)
     kwargs = {}
     if args.opt_eps is not None:
@@ -68,15 +68,20 @@ def create_mixup(args, num_classes: int):
     """timm's Mixup/CutMix (with label smoothing folded into the soft targets), or None when both are off."""
     if not (args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None):
         return None
-    from timm.data import Mixup
+    from models.timm_compat import create_mixup as Mixup  # timm 0.4.12's Mixup makes its targets on cuda
     return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                  prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                  label_smoothing=args.smoothing, num_classes=num_classes)
 
 
 def create_train_loss(args, mixup_active: bool) -> nn.Module:
-    from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     if args.bce_loss:
+        from models.timm_compat import binary_cross_entropy_cls
+        try:
+            BinaryCrossEntropy = binary_cross_entropy_cls()
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         return BinaryCrossEntropy(smoothing=0. if mixup_active else args.smoothing)
     if mixup_active:
         return SoftTargetCrossEntropy()  # smoothing is already in mixup's targets
@@ -87,9 +92,9 @@ def create_train_loss(args, mixup_active: bool) -> nn.Module:
 
 def resolve_data_config(args) -> dict:
     """Input size, interpolation, mean/std and crop_pct: command line first, then the model's pretrained_cfg."""
-    from timm.data import resolve_data_config as timm_resolve
-    from timm.models import get_pretrained_cfg
+    from models.timm_compat import resolve_data_config as timm_resolve  # timm 0.4.12 .. 1.x
+    from models.van import default_cfgs
     check_model_name(args.model)
     cfg_args = {k: getattr(args, k, None) for k in ('input_size', 'img_size', 'crop_pct', 'mean', 'std',
                                                     'interpolation', 'in_chans')}
-    return timm_resolve(cfg_args, pretrained_cfg=get_pretrained_cfg(args.model).to_dict())
+    return timm_resolve(cfg_args, pretrained_cfg=dict(default_cfgs[args.model]))

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from . import faults
 from models.van import clean_state_dict, load_checkpoint_file, load_state_dict_checked  # noqa: F401 (re-export)
 
 _logger = logging.getLogger('vancls')
@@ -51,6 +52,7 @@ def atomic_save(obj: Any, path: str):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        faults.during_save()
         os.replace(tmp, path)
     except BaseException as e:
         try:
@@ -87,6 +89,15 @@ def atomic_link_or_copy(src: str, dst: str):
         raise CheckpointError(f'could not write checkpoint {dst}: {e.strerror or e}; the previous file is intact') \
             from e
     _fsync_dir(folder)
+
+
+def remove_stale_temporaries(folder: str):
+    """Temporary files left by a process killed in the middle of a save (the real files are intact)."""
+    for path in glob.glob(os.path.join(folder, '.*.pth.tar.tmp*')):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
 
 
 def check_writable(folder: str):

@@ -41,13 +41,16 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
     return cfg
 
 
-def run_cli(main, args) -> int:
-    """Run main(args); user errors become one line on stderr and a non-zero exit instead of a traceback."""
+def run_cli(main, args, argv=None) -> int:
+    """Run main(args); user errors become one line on stderr and a non-zero exit instead of a traceback.
+    `args` is a parsed Namespace, or a parser factory (get_args_parser) to parse `argv` (with -c) inside."""
     from .checkpoint import CheckpointError
     from .data import DataError
     from .device import DeviceError
     from .engine import NonFiniteLossError
     try:
+        if callable(args):
+            args = parse_with_config(args(), argv)
         result = main(args)
         return result if isinstance(result, int) else 0
     except (UsageError, DataError, DeviceError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:

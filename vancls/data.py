@@ -139,8 +139,16 @@ class ImageFolderDataset(tud.Dataset):
                     _logger.warning(f'bad image skipped: {path} ({type(e).__name__}: {e})')
                 continue
             if self.transform is not None:
-                self._reseed(index)
-                img = self.transform(img)
+                if tud.get_worker_info() is not None:
+                    self._reseed(index)  # a loader worker's own RNG: reseed freely
+                    img = self.transform(img)
+                else:  # in the training process: keep its RNG streams (mixup, drop path) untouched
+                    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+                    self._reseed(index)
+                    img = self.transform(img)
+                    random.setstate(states[0])
+                    np.random.set_state(states[1])
+                    torch.set_rng_state(states[2])
             return img, target
         raise DataError(f'{self.root}: no readable image in the whole data set')
 
@@ -225,7 +233,8 @@ def build_transform(args, data_config: dict, is_training: bool, use_prefetcher: 
 def build_loader(dataset, batch_size: int, env, *, is_training: bool, workers: int, seed: int,
                  use_prefetcher: bool, data_config: dict, pin_memory: bool = False, re_args=None):
     """DataLoader over a ResumableSampler; on accelerators, timm's PrefetchLoader normalizes on the device."""
-    from timm.data.loader import fast_collate, PrefetchLoader
+    from timm.data.loader import fast_collate
+    from models.timm_compat import prefetch_loader as PrefetchLoader  # timm 0.4.12's is CUDA-only
     sampler = ResumableSampler(len(dataset), shuffle=is_training, seed=seed, rank=env.rank,
                                world_size=env.world_size, pad=is_training)
     loader = tud.DataLoader(

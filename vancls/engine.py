@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from . import faults
 from .device import Amp, DistEnv, all_reduce_sum, synchronize
 
 _logger = logging.getLogger('vancls')
@@ -55,7 +56,6 @@ def train_one_epoch(
         log_interval: int = 50, channels_last: bool = False, state: Optional[EpochState] = None,
         on_step: Optional[Callable[[int, int, EpochState], None]] = None, recovery_interval: int = 0,
         max_steps: Optional[int] = None,
-        loss_hook: Optional[Callable[[torch.Tensor, int, int], torch.Tensor]] = None,
 ):
     """Train one epoch of `total_steps` optimizer steps from step `start_step`; returns (metrics, num_updates).
 
@@ -106,8 +106,8 @@ def train_one_epoch(
             with amp.autocast():
                 output = model(inputs)
                 loss = loss_fn(output, targets)
-            if loss_hook is not None:
-                loss = loss_hook(loss, epoch, step)
+            if faults.nan_loss(num_updates) and last_micro:
+                loss = loss * float('nan')
             finite = torch.isfinite(loss.detach())
             first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, step), first_bad)
             loss_sum_dev += loss.detach().double()
@@ -123,6 +123,7 @@ def train_one_epoch(
             model_ema.update(model)
         num_updates += 1
         step += 1
+        faults.after_update(num_updates)
         state.data_seconds += data_time
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=num_updates)

@@ -25,7 +25,7 @@ def setup_logging(log_file: Optional[str] = None, is_main: bool = True):
     console.setFormatter(logging.Formatter('%(message)s'))
     logger.addHandler(console)
     if log_file and is_main:
-        handler = logging.FileHandler(log_file)
+        handler = logging.FileHandler(log_file, delay=True)  # no file until something is logged
         handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
         logger.addHandler(handler)
     return logger

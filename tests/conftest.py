@@ -1,0 +1,38 @@
+"""Shared fixtures: the repo root on sys.path, a session-wide digits ImageFolder tree, and a CLI runner."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope='session')
+def digits_dir(tmp_path_factory):
+    """scikit-learn digits written as PNGs (train/ and val/, 10 classes, 32x32), once per test session."""
+    from vancls.digits import write_digits
+    return write_digits(str(tmp_path_factory.mktemp('digits')))
+
+
+def cli_env(**extra):
+    env = dict(os.environ)
+    env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
+    env.setdefault('OMP_NUM_THREADS', '2')
+    env.pop('VANCLS_FAULT', None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_cli(script, *args, env=None, timeout=600, cwd=ROOT):
+    """Run one of the repo's scripts (train.py, validate.py, ...) in a subprocess; returns CompletedProcess."""
+    cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+# Quick CPU training settings for tests: tiny images, no heavy augmentation.
+FAST_TRAIN_ARGS = ['--model', 'van_b0', '--img-size', '32', '--aa', 'none', '--reprob', '0', '--mixup', '0',
+                   '--cutmix', '0', '--smoothing', '0', '--hflip', '0', '--scale', '0.6', '1', '--drop-path', '0',
+                   '--warmup-epochs', '0', '--device', 'cpu', '--log-interval', '5']

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from vancls import builders
-from vancls.checkpoint import load_model_weights
+from vancls.checkpoint import load_model_weights, read_checkpoint
 from vancls.config import UsageError, run_cli
 from vancls.data import build_datasets, build_loader
 from vancls.device import Amp, DEVICE_CHOICES, cleanup_distributed, setup_distributed
@@ -66,17 +66,15 @@ def main(args):
         cleanup_distributed()
 
 
-def _checkpoint_meta(path: str, trust: bool) -> dict:
-    """num_classes and class names stored in our checkpoints (official files have neither)."""
-    from vancls.checkpoint import clean_state_dict, load_checkpoint_file
-    ckpt = load_checkpoint_file(path, trust=trust)
-    meta = {'class_names': ckpt.get('class_names') if isinstance(ckpt, dict) else None}
+def _checkpoint_meta(ckpt) -> dict:
+    """num_classes and class names stored in our checkpoints (official files have no class names)."""
+    from vancls.checkpoint import clean_state_dict
     try:
         head = clean_state_dict(ckpt).get('head.weight')
     except ValueError:
         head = None
-    meta['num_classes'] = int(head.shape[0]) if head is not None else None
-    return meta
+    return {'class_names': ckpt.get('class_names') if isinstance(ckpt, dict) else None,
+            'num_classes': int(head.shape[0]) if head is not None else None}
 
 
 def _validate(args, env):
@@ -87,7 +85,8 @@ def _validate(args, env):
     args.validation_batch_size = args.batch_size
     data_config = builders.resolve_data_config(args)
     use_prefetcher = env.device.type != 'cpu' and args.dataset != 'synthetic'
-    meta = _checkpoint_meta(args.checkpoint, args.trust_checkpoint) if args.checkpoint else {}
+    ckpt = read_checkpoint(args.checkpoint, args.trust_checkpoint) if args.checkpoint else None
+    meta = _checkpoint_meta(ckpt) if ckpt is not None else {}
     class_names = meta.get('class_names')
     if args.dataset != 'synthetic' and not os.path.isdir(args.data_dir):
         raise UsageError(f'data directory not found: {args.data_dir}')
@@ -97,7 +96,7 @@ def _validate(args, env):
     num_classes = args.num_classes or meta.get('num_classes') or len(data_classes)
     model = builders.create_model(args, num_classes, pretrained=args.pretrained and not args.checkpoint)
     if args.checkpoint:
-        load_model_weights(model, args.checkpoint, trust=args.trust_checkpoint, use_ema=args.use_ema)
+        load_model_weights(model, args.checkpoint, use_ema=args.use_ema, checkpoint=ckpt)
     model.to(env.device).eval()
     if args.fuse:
         if not hasattr(model, 'fuse'):

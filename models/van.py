@@ -15,6 +15,7 @@ what the reference computes. Differences from the reference that do not change t
     lets timm's `features_only` and `checkpoint_seq` walk them;
   * `reset_classifier` works (the reference's reads an attribute that does not exist).
 """
+import contextlib
 import math
 import os
 from functools import partial
@@ -26,8 +27,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, register_model
+
+from .timm_compat import DropPath, build_model, register_model, trunc_normal_  # timm 0.4.12 .. 1.x
 
 from .fast_ops import check_fast_path, fast_path_modes, forward_features_nhwc, fuse_van, resolve_fast_path
 
@@ -35,6 +36,37 @@ __all__ = ['VAN', 'checkpoint_filter_fn', 'clean_state_dict', 'load_checkpoint_f
 
 # Prefixes that wrappers add to every key: DDP (`module.`) and torch.compile (`_orig_mod.`).
 _WRAPPER_PREFIXES = ('module.', '_orig_mod.')
+
+
+@contextlib.contextmanager
+def _bn_stats_frozen(module: nn.Module):
+    """Training-mode BatchNorms in `module` still normalize with batch statistics (and save the same tensors for
+    backward), but leave their running statistics and num_batches_tracked as they were: momentum 0 makes the
+    running-stat update an exact no-op (r * 1 + 0 * batch), and num_batches_tracked is put back on exit.
+    Used for the recomputation of a checkpointed block in backward."""
+    saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    for m, _, _ in saved:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, momentum, n in saved:
+                m.momentum = momentum
+                if n is not None:
+                    m.num_batches_tracked.copy_(n)
+
+
+def checkpoint_module(module: nn.Module, *args, fn=None):
+    """Non-reentrant activation checkpointing of `fn(*args)` (default `module(*args)`).
+
+    The recomputation in backward does not update `module`'s BatchNorm running statistics a second time, so a
+    training step gives the same gradients and the same BN buffers as without checkpointing.
+    """
+    return checkpoint(fn or module, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _bn_stats_frozen(module)))
 
 
 class DWConv(nn.Module):
@@ -280,7 +312,7 @@ class VAN(nn.Module):
         if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
             # Activation checkpointing per block: recompute each block in backward; same gradients.
             for blk in blocks:
-                x = checkpoint(blk, x, use_reentrant=False)
+                x = checkpoint_module(blk, x)
             return x
         return blocks(x)
 
@@ -290,7 +322,8 @@ class VAN(nn.Module):
         if mode != 'none':
             # Same modules executed on NHWC tensors; returns a (channels_last) NCHW view with the same values.
             checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
-            return forward_features_nhwc(self, x, compiled=mode == 'nhwc_compiled', grad_checkpointing=checkpointing)
+            return forward_features_nhwc(self, x, compiled=mode == 'nhwc_compiled',
+                                         checkpoint_fn=checkpoint_module if checkpointing else None)
         for i in range(1, self.num_stages + 1):
             x = getattr(self, f'patch_embed{i}')(x)  # B, C_i, H / (4 * 2**(i-1)), W / ...
             x = self._run_blocks(getattr(self, f'block{i}'), x)
@@ -392,14 +425,26 @@ def load_checkpoint_file(path: str, trust: bool = False) -> Any:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint not found: {path}')
+    if path.endswith('.safetensors'):  # export.py's format: a flat state dict, never unpickled
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ValueError(f'{path}: loading .safetensors files needs the safetensors package') from None
+        try:
+            return load_file(path, device='cpu')
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...
+            raise ValueError(f'{path}: not a readable safetensors file ({type(e).__name__}: {e})') from None
     try:
         return torch.load(path, map_location='cpu', weights_only=not trust)
     except Exception as e:  # noqa: BLE001 - torch raises many types (UnpicklingError, RuntimeError, EOFError)
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if not trust and ('weights_only' in str(e) or 'Unsupported global' in str(e)):
+        text = str(e)
+        if not trust and 'Weights only load failed' in text:
+            # Name the offending global (e.g. "GLOBAL io.open was not an allowed global") rather than torch's essay.
+            culprit = next((line.strip() for line in text.splitlines() if 'GLOBAL' in line), 'unsupported content')
             raise ValueError(
-                f'{path}: refused to load: it needs full unpickling, which can run arbitrary code '
-                f'({msg}). If you trust the file, pass --trust-checkpoint.') from None
+                f'{path}: refused to load: it needs full unpickling, which can run arbitrary code ({culprit[:200]}). '
+                f'If you trust the file, pass --trust-checkpoint.') from None
+        msg = text.splitlines()[0][:300] if text else type(e).__name__
         raise ValueError(f'{path}: not a readable checkpoint ({type(e).__name__}: {msg})') from None
 
 
@@ -418,6 +463,7 @@ def _load_pretrained(model: VAN, pretrained_cfg: Dict[str, Any], num_classes: in
         cached = os.path.join(torch.hub.get_dir(), 'checkpoints', filename)
         if not os.path.isfile(cached):
             try:
+                os.makedirs(os.path.dirname(cached), exist_ok=True)  # a fresh hub dir has no checkpoints/ yet
                 torch.hub.download_url_to_file(url, cached, progress=False)
             except Exception as e:  # noqa: BLE001 - URLError, HTTPError, socket errors, ...
                 raise RuntimeError(
@@ -430,8 +476,12 @@ def _load_pretrained(model: VAN, pretrained_cfg: Dict[str, Any], num_classes: in
         raise RuntimeError(
             f'no pretrained weights are published for {pretrained_cfg.get("architecture")}: '
             f'pass a file with pretrained_cfg_overlay=dict(file=PATH) (train.py: --pretrained-path PATH)')
+    state_dict = checkpoint_filter_fn(checkpoint, model)
     drop_head = num_classes != pretrained_cfg.get('num_classes', 1000)
-    load_state_dict_checked(model, checkpoint_filter_fn(checkpoint, model), source=source, drop_head=drop_head)
+    if drop_head:  # ...unless the file's head already fits (a fine-tuned model, e.g. export.py's .safetensors)
+        head, own = state_dict.get('head.weight'), model.state_dict().get('head.weight')
+        drop_head = head is None or own is None or tuple(head.shape) != tuple(own.shape)
+    load_state_dict_checked(model, state_dict, source=source, drop_head=drop_head)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
@@ -479,8 +529,8 @@ def _create_van(variant: str, pretrained: bool = False, **kwargs) -> VAN:
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
     arch = dict(_ARCHS[_ALIASES.get(variant, variant)])
     arch.update(kwargs)
-    model = build_model_with_cfg(
-        VAN, variant, pretrained=False,  # weights are loaded below, with errors that say what to do
+    model = build_model(
+        VAN, variant, default_cfgs[variant],  # weights are loaded below, with errors that say what to do
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices),
         **arch,

@@ -230,12 +230,20 @@ def resume_position(ckpt: Dict[str, Any]) -> tuple:
     return (epoch, step) if step > 0 else (epoch + 1, 0)
 
 
+def read_checkpoint(path: str, trust: bool = False) -> Any:
+    """load_checkpoint_file with this package's error type (the message names the file and the problem)."""
+    try:
+        return load_checkpoint_file(path, trust=trust)
+    except (ValueError, FileNotFoundError) as e:
+        raise CheckpointError(str(e)) from None
+
+
 def load_model_weights(model: torch.nn.Module, path: str, trust: bool = False, use_ema: bool = False,
-                       drop_head: Any = False) -> Dict[str, Any]:
+                       drop_head: Any = False, checkpoint: Any = None) -> Dict[str, Any]:
     """Load weights from one of our checkpoints or an official .pth.tar into `model` (strict, checked).
     drop_head='auto' leaves the classifier as initialized when the file's has another number of classes
     (fine-tuning); everything else must match. Returns the checkpoint dict (or {} for a bare state dict)."""
-    ckpt = load_checkpoint_file(path, trust=trust)
+    ckpt = read_checkpoint(path, trust) if checkpoint is None else checkpoint
     if not isinstance(ckpt, dict):
         raise CheckpointError(f'{path}: not a checkpoint (a {type(ckpt).__name__}, expected a dict)')
     source = ckpt

@@ -1,0 +1,272 @@
+"""Training that survives: exact resume after SIGKILL, atomic checkpoints, bad images, untrusted and bad
+checkpoints, non-finite loss, unwritable output, disk full."""
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import FAST_TRAIN_ARGS, ROOT, cli_env, run_cli
+
+# 2 epochs x 6 steps of batch 16, recovery checkpoint every 2 optimizer steps, 2 loader workers.
+RESUME_ARGS = [*FAST_TRAIN_ARGS, '-b', '16', '--epochs', '2', '--max-steps', '6', '--workers', '2',
+               '--recovery-interval', '2', '--seed', '7', '--drop-path', '0.1', '--hflip', '0.5',
+               '--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25', '--mixup', '0.8', '--cutmix', '1.0',
+               '--smoothing', '0.1', '--experiment', 'run']
+
+
+def _state(path):
+    return torch.load(path, map_location='cpu', weights_only=True)['state_dict']
+
+
+def _folder_snapshot(folder):
+    snap = {}
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            with open(p, 'rb') as fh:
+                snap[os.path.relpath(p, folder)] = fh.read()
+    return snap
+
+
+@pytest.fixture(scope='module')
+def reference_run(digits_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp('ref')
+    r = run_cli('train.py', digits_dir, *RESUME_ARGS, '--output', out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out / 'run'
+
+
+def test_sigkill_and_resume_auto_is_bitwise_exact(digits_dir, tmp_path, reference_run):
+    out = tmp_path / 'out'
+    # Three kills: mid-epoch 0 (after update 3: the recovery at 2 is the newest), inside a save (the 4th write:
+    # recovery@2, recovery@4, last.pth.tar of epoch 0 -> killed after its temp file is written), mid-epoch 1.
+    faults = ['kill:update=3', 'kill:save=2', 'kill:update=11']
+    for fault in faults:
+        r = run_cli('train.py', digits_dir, *RESUME_ARGS, '--output', out, '--resume', 'auto',
+                    env=cli_env(VANCLS_FAULT=fault))
+        assert r.returncode == -9, (fault, r.returncode, r.stderr[-2000:])
+    r = run_cli('train.py', digits_dir, *RESUME_ARGS, '--output', out, '--resume', 'auto')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count('Resumed from') == 1
+    ref, got = _state(reference_run / 'last.pth.tar'), _state(out / 'run' / 'last.pth.tar')
+    assert ref.keys() == got.keys()
+    different = [k for k in ref if not torch.equal(ref[k], got[k])]
+    assert not different, different[:10]
+    assert not [f for f in os.listdir(out / 'run') if '.tmp' in f]  # the killed save's temp file is cleaned up
+
+
+def test_kill_during_save_keeps_previous_checkpoint(digits_dir, tmp_path):
+    out = tmp_path / 'out'
+    args = [*FAST_TRAIN_ARGS, '-b', '16', '--epochs', '2', '--max-steps', '3', '--workers', '0', '--output', out,
+            '--experiment', 'e']
+    # Writes: last@0 (1); killed in the 2nd write (last@1, between temp file and rename).
+    r = run_cli('train.py', digits_dir, *args, env=cli_env(VANCLS_FAULT='kill:save=2'))
+    assert r.returncode == -9
+    ckpt = torch.load(out / 'e' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert ckpt['epoch'] == 0  # the previous complete file, not a truncated new one
+
+
+def test_torchrun_restart_after_worker_killed(digits_dir, tmp_path):
+    marker = tmp_path / 'fired'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--max-restarts=1',
+           '--standalone', os.path.join(ROOT, 'train.py'), digits_dir,
+           *FAST_TRAIN_ARGS, '-b', '16', '--epochs', '2', '--max-steps', '4', '--workers', '0',
+           '--recovery-interval', '2', '--resume', 'auto', '--output', str(tmp_path), '--experiment', 'tr']
+    env = cli_env(VANCLS_FAULT='kill:update=3:rank=1', VANCLS_FAULT_ONCE=marker)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert marker.exists()  # the fault did fire
+    assert 'Resumed from' in r.stdout
+    with open(tmp_path / 'tr' / 'results.json') as f:
+        res = json.load(f)
+    assert res['world_size'] == 2 and res['ranks_in_sync'] is True
+    assert torch.load(tmp_path / 'tr' / 'last.pth.tar', weights_only=True)['epoch'] == 1
+
+
+@pytest.fixture(scope='module')
+def odd_tree(digits_dir, tmp_path_factory):
+    """Digits with 3 unreadable files and 4 unusual but valid ones."""
+    root = tmp_path_factory.mktemp('odd')
+    for split in ('train', 'val'):
+        for cls in range(10):
+            src = os.path.join(digits_dir, split, str(cls))
+            dst = root / split / str(cls)
+            dst.mkdir(parents=True)
+            for f in sorted(os.listdir(src))[:12 if split == 'train' else 4]:
+                shutil.copy(os.path.join(src, f), dst / f)
+    t = root / 'train'
+    img = Image.open(next((t / '1').iterdir())).convert('RGB')
+    img.save(t / '1' / 'good.jpg', quality=90)
+    data = (t / '1' / 'good.jpg').read_bytes()
+    (t / '2' / 'truncated.jpg').write_bytes(data[:len(data) // 2])
+    (t / '3' / 'empty.jpg').write_bytes(b'')
+    (t / '4' / 'text.jpg').write_text('this is not an image\n')
+    img.convert('CMYK').save(t / '5' / 'cmyk.jpg')
+    img.convert('RGBA').save(t / '6' / 'rgba.png')
+    img.convert('L').save(t / '7' / 'gray.png')
+    arr16 = (np.asarray(img.convert('L'), dtype=np.uint16) * 257)
+    Image.fromarray(arr16).save(t / '8' / 'sixteen.png')
+    return root
+
+
+def test_open_rgb_handles_modes(odd_tree):
+    from vancls.data import open_rgb
+    t = odd_tree / 'train'
+    ref = np.asarray(open_rgb(t / '7' / 'gray.png'))
+    for path in (t / '5' / 'cmyk.jpg', t / '6' / 'rgba.png', t / '7' / 'gray.png', t / '8' / 'sixteen.png'):
+        img = open_rgb(path)
+        assert img.mode == 'RGB' and img.size == (32, 32)
+    sixteen = np.asarray(open_rgb(t / '8' / 'sixteen.png'))
+    assert np.abs(sixteen.astype(int) - ref.astype(int)).max() <= 1  # scaled down, not clipped to white
+    for bad in ('2/truncated.jpg', '3/empty.jpg', '4/text.jpg'):
+        with pytest.raises(Exception):
+            open_rgb(t / bad)
+
+
+def test_bad_images_are_skipped_named_and_counted(odd_tree, tmp_path):
+    r = run_cli('train.py', odd_tree, *FAST_TRAIN_ARGS, '-b', '16', '--epochs', '2', '--workers', '2',
+                '--output', tmp_path, '--experiment', 'odd')
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(tmp_path / 'odd' / 'results.json') as f:
+        assert json.load(f)['bad_images'] == 3
+    log = (tmp_path / 'odd' / 'train.log').read_text()
+    for name in ('truncated.jpg', 'empty.jpg', 'text.jpg'):
+        assert name in log
+    assert 'bad images 3' in log
+    # --max-bad-images 2: a clear error instead of training on.
+    r = run_cli('train.py', odd_tree, *FAST_TRAIN_ARGS, '-b', '16', '--epochs', '1', '--workers', '0',
+                '--max-bad-images', '2', '--output', tmp_path, '--experiment', 'odd2')
+    assert r.returncode != 0 and 'more than --max-bad-images 2' in r.stderr
+
+
+def test_check_data_lists_exactly_the_bad_files(odd_tree):
+    r = subprocess.run([sys.executable, '-m', 'vancls.check_data', str(odd_tree), '-j', '2'], cwd=ROOT,
+                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    bad = sorted(line.split(':')[0][4:] for line in r.stdout.splitlines() if line.startswith('BAD '))
+    assert bad == sorted(str(odd_tree / 'train' / p) for p in ('2/truncated.jpg', '3/empty.jpg', '4/text.jpg'))
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, 'w'))
+
+
+def test_malicious_pickle_is_refused(digits_dir, tmp_path):
+    victim = tmp_path / 'pwned'
+    evil = tmp_path / 'evil.pth.tar'
+    torch.save({'state_dict': {}, 'payload': _Evil(str(victim))}, evil)
+    assert not victim.exists()
+    for script, args in (('validate.py', [digits_dir, '--model', 'van_b0', '--checkpoint', evil]),
+                         ('train.py', [digits_dir, *FAST_TRAIN_ARGS, '--resume', evil, '--output', tmp_path / 'o'])):
+        r = run_cli(script, *args, '--device', 'cpu', timeout=300)
+        assert r.returncode != 0 and '--trust-checkpoint' in r.stderr, r.stderr[-2000:]
+        assert not victim.exists()
+
+
+@pytest.fixture(scope='module')
+def trained_ckpt(digits_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp('ck')
+    r = run_cli('train.py', digits_dir, *FAST_TRAIN_ARGS, '-b', '16', '--epochs', '1', '--max-steps', '2',
+                '--workers', '0', '--no-eval', '--output', out, '--experiment', 'e')
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out / 'e'
+
+
+def _bad_checkpoint(kind, tmp_path, good):
+    import timm
+    import models  # noqa: F401
+    path = tmp_path / f'{kind}.pth.tar'
+    if kind == 'truncated':
+        data = (good / 'last.pth.tar').read_bytes()
+        path.write_bytes(data[:len(data) // 3])
+    elif kind == 'not_a_checkpoint':
+        path.write_text('hello, I am a text file\n')
+    elif kind == 'other_variant':
+        torch.save({'state_dict': timm.create_model('van_b1', num_classes=10).state_dict()}, path)
+    elif kind == 'other_classes':
+        torch.save({'state_dict': timm.create_model('van_b0', num_classes=7).state_dict()}, path)
+    return path
+
+
+@pytest.mark.parametrize('kind,expect', [
+    ('truncated', 'not a readable checkpoint'),
+    ('not_a_checkpoint', 'not a readable checkpoint'),
+    ('other_variant', 'shape mismatch'),
+    ('other_classes', 'head.weight'),
+])
+def test_bad_checkpoints_clear_error_and_output_unchanged(digits_dir, tmp_path, trained_ckpt, kind, expect):
+    bad = _bad_checkpoint(kind, tmp_path, trained_ckpt)
+    before = _folder_snapshot(trained_ckpt)
+    r = run_cli('train.py', digits_dir, *FAST_TRAIN_ARGS, '--resume', bad, '--output', trained_ckpt.parent,
+                '--experiment', 'e', '--workers', '0', timeout=300)
+    assert r.returncode != 0 and str(bad) in r.stderr and expect in r.stderr, r.stderr[-2000:]
+    assert _folder_snapshot(trained_ckpt) == before
+    r = run_cli('validate.py', digits_dir, '--model', 'van_b0', '--img-size', '32', '--checkpoint', bad,
+                '--num-classes', '10', '--device', 'cpu', timeout=300)
+    assert r.returncode != 0 and str(bad) in r.stderr and expect in r.stderr, r.stderr[-2000:]
+
+
+def test_non_finite_loss_stops_with_epoch_and_step(digits_dir, tmp_path):
+    # 3 steps per epoch: update 5 is epoch 1, step 2.
+    r = run_cli('train.py', digits_dir, *FAST_TRAIN_ARGS, '-b', '16', '--epochs', '3', '--max-steps', '3',
+                '--workers', '0', '--no-eval', '--output', tmp_path, '--experiment', 'nan',
+                env=cli_env(VANCLS_FAULT='nan:update=5'))
+    assert r.returncode != 0
+    assert 'non-finite loss at epoch 1, step 2/3' in r.stderr, r.stderr[-2000:]
+    ckpt = torch.load(tmp_path / 'nan' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert ckpt['epoch'] == 0 and all(torch.isfinite(v).all() for v in ckpt['state_dict'].values()
+                                      if v.is_floating_point())
+
+
+def test_unwritable_output_fails_before_training(digits_dir, tmp_path):
+    blocker = tmp_path / 'file'
+    blocker.write_text('x')
+    r = run_cli('train.py', digits_dir, *FAST_TRAIN_ARGS, '--output', blocker / 'sub', '--workers', '0', timeout=300)
+    assert r.returncode != 0 and 'not writable' in r.stderr and 'Train:' not in r.stdout
+
+
+def test_disk_full_during_save_keeps_previous(tmp_path, monkeypatch):
+    from vancls import checkpoint
+    mgr = checkpoint.CheckpointManager(str(tmp_path), max_history=2)
+    mgr.save_epoch({'epoch': 0, 'state_dict': {'w': torch.ones(3)}}, 0, 50.0)
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b'partial')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr(checkpoint.torch, 'save', full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match='No space left on device'):
+        mgr.save_epoch({'epoch': 1, 'state_dict': {'w': torch.zeros(3)}}, 1, 60.0)
+    monkeypatch.setattr(checkpoint.torch, 'save', real_save)
+    for name in ('last.pth.tar', 'model_best.pth.tar', 'checkpoint-0.pth.tar'):
+        ck = torch.load(tmp_path / name, weights_only=True)
+        assert ck['epoch'] == 0 and torch.equal(ck['state_dict']['w'], torch.ones(3))
+    assert not [f for f in os.listdir(tmp_path) if '.tmp' in f]
+    assert not (tmp_path / 'checkpoint-1.pth.tar').exists()
+
+
+def test_history_pruned_to_last_n(tmp_path):
+    from vancls.checkpoint import CheckpointManager, find_auto_resume
+    mgr = CheckpointManager(str(tmp_path), max_history=2)
+    for epoch, metric in enumerate([10., 30., 20., 25.]):
+        mgr.save_epoch({'epoch': epoch, 'state_dict': {'w': torch.full((1,), float(epoch))}}, epoch, metric)
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint-2.pth.tar', 'checkpoint-3.pth.tar', 'last.pth.tar',
+                                            'model_best.pth.tar']
+    assert torch.load(tmp_path / 'model_best.pth.tar', weights_only=True)['epoch'] == 1
+    # --resume auto: newest loadable; a corrupt newer file is skipped with a warning.
+    mgr.save_recovery({'epoch': 4, 'step_in_epoch': 3, 'state_dict': {}})
+    assert find_auto_resume(str(tmp_path)).endswith('recovery.pth.tar')
+    (tmp_path / 'recovery.pth.tar').write_bytes(b'garbage')
+    assert find_auto_resume(str(tmp_path)).endswith('last.pth.tar')

@@ -66,6 +66,20 @@ def test_ddp_two_processes_stay_in_sync(digits_dir, tmp_path):
     assert res['world_size'] == 2 and res['global_batch'] == 32
     assert res['ranks_in_sync'] is True
     assert res['final_top1'] is not None and 0 <= res['final_top1'] <= 100
+    # Sharded evaluation counts every one of the 359 images once: same numbers as one process.
+    ckpt = tmp_path / 'ddp' / 'last.pth.tar'
+    val_args = [os.path.join(ROOT, 'validate.py'), digits_dir, '--model', 'van_b0', '--img-size', '32', '-b', '50',
+                '--device', 'cpu', '-j', '0', '--checkpoint', str(ckpt)]
+    single = subprocess.run([sys.executable, *val_args, '--results-file', str(tmp_path / 'v1.json')], cwd=ROOT,
+                            env=cli_env(), capture_output=True, text=True, timeout=600)
+    sharded = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port',
+                              str(_free_port()), *val_args, '--results-file', str(tmp_path / 'v2.json')], cwd=ROOT,
+                             env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0 and sharded.returncode == 0, (single.stderr[-2000:], sharded.stderr[-2000:])
+    v1, v2 = (json.load(open(tmp_path / f)) for f in ('v1.json', 'v2.json'))
+    assert v1['num_images'] == v2['num_images'] == 359 and v2['world_size'] == 2
+    assert abs(v1['top1'] - v2['top1']) < 1e-9 and abs(v1['loss'] - v2['loss']) < 1e-5
+    assert abs(v1['top1'] - res['final_top1']) < 1e-9
 
 
 def test_two_nodes_train_together(digits_dir, tmp_path):

@@ -39,14 +39,14 @@ class EpochState:
                     timed_seconds=self.timed_seconds, data_seconds=self.data_seconds)
 
 
-def _progress(step: int, total: int, loss: float, fps: float):
+def _progress(epoch: int, step: int, total: int):
+    """A one-line progress bar, only when stdout is a terminal (logs and pipes get the log-interval lines)."""
     if sys.stdout.isatty():
         width = 30
         done = int(width * step / max(total, 1))
-        sys.stdout.write(f'\r[{"#" * done}{"." * (width - done)}] {step}/{total} loss {loss:.4f} {fps:.1f} img/s')
+        sys.stdout.write(f'\r{epoch}: [{"#" * done}{"." * (width - done)}] {step}/{total}')
+        sys.stdout.write('\n' if step >= total else '')
         sys.stdout.flush()
-        if step >= total:
-            sys.stdout.write('\n')
 
 
 def train_one_epoch(
@@ -145,7 +145,7 @@ def train_one_epoch(
                 _logger.info(f'Train: {epoch} [{step:>4d}/{total_steps}] loss: {loss_val:.4f} lr: {lr:.3e} '
                              f'FPS: {fps:.2f} data: {data_time * 1000:.1f}ms')
         elif env.is_main:
-            _progress(step, total_steps, float('nan'), 0.)
+            _progress(epoch, step, total_steps)
         if on_step is not None and recovery_interval > 0 and step % recovery_interval == 0 and not last_step:
             check_finite()  # never save a checkpoint after a non-finite loss
             state.loss_sum += float(loss_sum_dev.item())

@@ -5,10 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= output
-DEMO_EXP ?= digits-demo
+DEMO_EXP := digits-demo-$(shell date +%Y%m%d-%H%M%S)
 # The demo recipe: the reference's AdamW/cosine schedule, with augmentations that suit 8x8 digits at 32 px
 # (no flips, mild crops, no RandAugment/mixup/erasing) so that van_b0 reaches >= 97% top-1 in a few minutes.
-DEMO_ARGS ?= --model van_b0 --img-size 32 -b 32 --lr 2e-3 --epochs 10 --warmup-epochs 1 --aa none --reprob 0 \
+DEMO_ARGS ?= --model van_b0 --img-size 32 -b 32 --lr 2e-3 --epochs 10 --cooldown-epochs 0 --warmup-epochs 0 --aa none --reprob 0 \
 	--mixup 0 --cutmix 0 --smoothing 0 --hflip 0 --scale 0.6 1 --drop-path 0 --workers 2 --log-interval 20
 
 .PHONY: setup demo test clean-demo

@@ -182,14 +182,17 @@ class OverlapPatchEmbed(nn.Module):
 class LayerNormChannels(nn.LayerNorm):
     """LayerNorm over the channels of an NCHW map; same parameters (and keys) as the reference's nn.LayerNorm.
 
-    Normalizes through an NHWC view and returns an NCHW view: no copy on channels_last input, one inside
-    F.layer_norm on NCHW-contiguous input (the reference's flatten/transpose/reshape/contiguous costs two more).
+    Normalizes through an NHWC view. On channels_last input that view is contiguous: no copy at all (the
+    reference's flatten/transpose/LayerNorm/reshape/permute/contiguous makes three). On NCHW input the output is
+    made NCHW-contiguous again, two copies as in the reference: keeping the input's memory format keeps the next
+    stage's convolutions (and DDP's gradient buckets) in one layout instead of silently switching to channels_last.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)  # B, H, W, C
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)  # B, C, H, W
+        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)  # B,H,W,C
+        x = x.permute(0, 3, 1, 2)  # B, C, H, W (channels_last strides)
+        return x if channels_last else x.contiguous()
 
 
 class VAN(nn.Module):
@@ -362,7 +365,7 @@ def clean_state_dict(checkpoint: Any) -> Dict[str, torch.Tensor]:
     (tried in that order), and removes any leading `module.` / `_orig_mod.` (DDP, torch.compile) from keys.
     """
     if isinstance(checkpoint, dict):
-        for key in ('state_dict', 'model'):
+        for key in ('state_dict', 'model', 'state_dict_ema'):  # as documented above
             if key in checkpoint and isinstance(checkpoint[key], dict):
                 checkpoint = checkpoint[key]
                 break

@@ -75,3 +75,13 @@ def test_class_map(tmp_path, digits_dir):
     m.write_text('a\na\n')
     with pytest.raises(DataError, match='unique'):
         load_class_map(str(m))
+
+
+def test_randaugment_posterize_to_zero_bits_does_not_crash():
+    """timm asks for 0 bits at the top magnitude; Pillow >= 12 rejects it. We return the old black image."""
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+    img = Image.new('RGB', (8, 8), (200, 100, 50))
+    op = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10, hparams={'magnitude_std': 0})
+    assert op(img).getpixel((0, 0)) == (0, 0, 0)
+    assert AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=0)(img).getpixel((0, 0)) == (192, 96, 48)  # 4 bits

@@ -12,7 +12,7 @@ import torch
 from conftest import FAST_TRAIN_ARGS, ROOT, cli_env, run_cli
 
 # The demo recipe of the Makefile (make demo): >= 97% top-1 on digits in under 3 minutes on 2 cores.
-DEMO_ARGS = ['--model', 'van_b0', '--img-size', '32', '-b', '32', '--lr', '2e-3', '--epochs', '10',
+DEMO_ARGS = ['--model', 'van_b0', '--img-size', '32', '-b', '32', '--lr', '2e-3', '--epochs', '10', '--cooldown-epochs', '0',
              '--warmup-epochs', '0', '--aa', 'none', '--reprob', '0', '--mixup', '0', '--cutmix', '0',
              '--smoothing', '0', '--hflip', '0', '--scale', '0.6', '1', '--drop-path', '0', '--workers', '2',
              '--device', 'cpu', '--log-interval', '20']

@@ -294,5 +294,26 @@ def build_datasets(args, data_config: dict, use_prefetcher: bool, need_train: bo
     return train_ds, val_ds, val_ds.classes
 
 
+def _posterize_any_bits(img, bits_to_keep, **kwargs):
+    """timm's RandAugment asks Pillow to posterize to 0 bits at the top magnitude of `PosterizeIncreasing`;
+    Pillow >= 12 rejects 0 ("bits must be between 1 and 8") and the default recipe would crash at random.
+    Older Pillow returned an all-black image for 0 bits (mask 0): do exactly that, else defer to timm."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return _timm_posterize(img, bits_to_keep, **kwargs)
+
+
+def _patch_timm_posterize():
+    from timm.data import auto_augment
+    global _timm_posterize
+    _timm_posterize = auto_augment.posterize
+    for name, fn in list(auto_augment.NAME_TO_OP.items()):
+        if fn is _timm_posterize:
+            auto_augment.NAME_TO_OP[name] = _posterize_any_bits
+
+
+_timm_posterize = None
+_patch_timm_posterize()
+
 # Truncated JPEGs must raise, not decode silently to a grey bottom (PIL's default is to raise; keep it so).
 ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -10,7 +10,10 @@ import math
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath
+try:
+    from timm.layers import DropPath
+except ImportError:  # timm < 0.9 (the legacy-timm CI pass, .ci/legacy_timm.sh)
+    from timm.models.layers import DropPath
 
 # Architecture of each variant (VAN.md, "Variants"): embed_dims, mlp_ratios, depths.
 REF_ARCHS = {

@@ -173,7 +173,7 @@ def main(args):
 
 def _train(args, env):
     from models.timm_compat import create_scheduler as create_scheduler_v2  # timm 0.4.12 .. 1.x
-    from timm.utils import ModelEmaV2, distribute_bn
+    from timm.utils import ModelEmaV2, distribute_bn, random_seed
 
     args.data_dir = resolve_data_dir(args.data_dir) if args.dataset != 'synthetic' else args.data_dir
     exp_name = args.experiment or f'{time.strftime("%Y%m%d-%H%M%S")}-{args.model}'
@@ -182,7 +182,7 @@ def _train(args, env):
         check_writable(out_dir)
         remove_stale_temporaries(out_dir)
     logger = setup_logging(os.path.join(out_dir, 'train.log') if env.is_main else None, env.is_main)
-    torch.manual_seed(args.seed + env.rank)
+    random_seed(args.seed, env.rank)  # python, numpy and torch: mixup draws from numpy, drop path from torch
 
     amp = Amp(env.device, enabled=args.amp, dtype=args.amp_dtype, impl=args.amp_impl)
     use_prefetcher = env.device.type != 'cpu' and args.dataset != 'synthetic'

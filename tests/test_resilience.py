@@ -81,7 +81,8 @@ def test_torchrun_restart_after_worker_killed(digits_dir, tmp_path):
            '--recovery-interval', '2', '--resume', 'auto', '--output', str(tmp_path), '--experiment', 'tr']
     # torch >= 2.4 shares the agent's store with the workers; a restarted group can then read the dead group's
     # addresses (pytorch/pytorch#135712): give each attempt its own store, as test/common.sh does.
-    env = cli_env(VANCLS_FAULT='kill:update=3:rank=1', VANCLS_FAULT_ONCE=marker, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)
+    env = cli_env(VANCLS_FAULT='kill:update=3:rank=1', VANCLS_FAULT_ONCE=marker, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1,
+                  OMP_NUM_THREADS=1)
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert marker.exists()  # the fault did fire

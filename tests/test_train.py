@@ -60,7 +60,7 @@ def test_ddp_two_processes_stay_in_sync(digits_dir, tmp_path):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port', str(_free_port()),
            os.path.join(ROOT, 'train.py'), digits_dir, *FAST_TRAIN_ARGS, '-b', '16', '--epochs', '1',
            '--max-steps', '6', '--workers', '1', '--output', str(tmp_path), '--experiment', 'ddp']
-    r = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, cwd=ROOT, env=cli_env(OMP_NUM_THREADS=1), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = _results(tmp_path / 'ddp')
     assert res['world_size'] == 2 and res['global_batch'] == 32
@@ -74,7 +74,7 @@ def test_ddp_two_processes_stay_in_sync(digits_dir, tmp_path):
                             env=cli_env(), capture_output=True, text=True, timeout=600)
     sharded = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port',
                               str(_free_port()), *val_args, '--results-file', str(tmp_path / 'v2.json')], cwd=ROOT,
-                             env=cli_env(), capture_output=True, text=True, timeout=600)
+                             env=cli_env(OMP_NUM_THREADS=1), capture_output=True, text=True, timeout=600)
     assert single.returncode == 0 and sharded.returncode == 0, (single.stderr[-2000:], sharded.stderr[-2000:])
     v1, v2 = (json.load(open(tmp_path / f)) for f in ('v1.json', 'v2.json'))
     assert v1['num_images'] == v2['num_images'] == 359 and v2['world_size'] == 2
@@ -91,7 +91,7 @@ def test_two_nodes_train_together(digits_dir, tmp_path):
                os.path.join(ROOT, 'train.py'), digits_dir, *FAST_TRAIN_ARGS, '-b', '16', '--epochs', '1',
                '--max-steps', '4', '--workers', '0', '--no-eval', '--output', str(tmp_path / f'node{node_rank}'),
                '--experiment', 'mn']
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=cli_env(OMP_NUM_THREADS=1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):

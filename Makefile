@@ -28,7 +28,7 @@ demo: setup
 		--checkpoint $(DEMO_OUT)/$(DEMO_EXP)/model_best.pth.tar --results-file $(DEMO_OUT)/$(DEMO_EXP)/validate.json
 
 test: setup
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile tests $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_OUT)/$(DEMO_EXP)

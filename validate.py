@@ -98,14 +98,14 @@ def _validate(args, env):
     if args.checkpoint:
         load_model_weights(model, args.checkpoint, use_ema=args.use_ema, checkpoint=ckpt)
     model.to(env.device).eval()
+    if args.fast_path != 'none' and hasattr(model, 'set_fast_path'):
+        model.set_fast_path(args.fast_path)  # before fuse(): the fused copy follows the model's fast path
     if args.fuse:
         if not hasattr(model, 'fuse'):
             raise UsageError('--fuse: this model has no fuse()')
         model = model.fuse()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    if args.fast_path != 'none' and hasattr(model, 'set_fast_path'):
-        model.set_fast_path(args.fast_path)
     if args.compile:
         model = torch.compile(model)
     loader, _ = build_loader(val_ds, args.batch_size, env, is_training=False, workers=args.workers, seed=args.seed,

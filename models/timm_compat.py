@@ -1,6 +1,8 @@
 """The few timm APIs that moved between timm 0.4.12 (the reference's release, pinned in 1.5/1.8_requirements.txt)
 and timm 1.x, behind one feature-checked interface. Nothing here is chosen by version number: each shim looks
 for the API it needs (a module, a function, a parameter name) and falls back to the older form.
+Tested with timm 0.4.12 (tests/test_model.py, tests/test_train*.py, tests/test_timm_compat.py under
+.ci/legacy_timm.sh) and timm 1.0.x (the whole suite); releases in between are not tested.
 
 What differs, and where it is used:
   * `timm.layers` (0.9+) vs `timm.models.layers`                          models/van.py

@@ -325,8 +325,7 @@ class VAN(nn.Module):
         if mode != 'none':
             # Same modules executed on NHWC tensors; returns a (channels_last) NCHW view with the same values.
             checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
-            return forward_features_nhwc(self, x, compiled=mode == 'nhwc_compiled',
-                                         checkpoint_fn=checkpoint_module if checkpointing else None)
+            return forward_features_nhwc(self, x, mode, checkpoint_fn=checkpoint_module if checkpointing else None)
         for i in range(1, self.num_stages + 1):
             x = getattr(self, f'patch_embed{i}')(x)  # B, C_i, H / (4 * 2**(i-1)), W / ...
             x = self._run_blocks(getattr(self, f'block{i}'), x)

@@ -10,7 +10,7 @@
 # --pth_path=FILE; anything after `--` goes to train.py / validate.py unchanged.
 # Environment overrides (small machines, CI): NPROC MODEL BATCH_SIZE EPOCHS MAX_STEPS IMG_SIZE DEVICE AMP
 # WORKERS LR DROP_PATH OUTPUT_ROOT PYTHON TORCHRUN RESUME MAX_RESTARTS RECOVERY_INTERVAL NETWORK.
-# docs/SCRIPTS.md (README section "Launch scripts") documents them.
+# README.md (section "Launch scripts") documents them.
 
 VAN_TEST_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 VAN_ROOT=$(dirname "$VAN_TEST_DIR")
@@ -28,7 +28,7 @@ usage: bash test/$VAN_SCRIPT.sh --data_path=DIR [--device_id=N] [--batch_size=N]
        bash test/train_eval_8p.sh DATA_PATH CKPT_PATH
 DIR is an ImageFolder root with train/<class>/* and val/<class>/* (or validation/).
 Environment: NPROC MODEL BATCH_SIZE EPOCHS MAX_STEPS IMG_SIZE DEVICE(auto|npu|cuda|cpu) AMP(1|0) WORKERS LR
-DROP_PATH OUTPUT_ROOT PYTHON RESUME MAX_RESTARTS RECOVERY_INTERVAL (see docs/SCRIPTS.md)
+DROP_PATH OUTPUT_ROOT PYTHON RESUME MAX_RESTARTS RECOVERY_INTERVAL (see README.md, "Launch scripts")
 EOF
 }
 

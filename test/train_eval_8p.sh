@@ -4,7 +4,7 @@
 #     bash test/train_eval_8p.sh DATA_PATH CKPT_PATH
 #     bash test/train_eval_8p.sh --data_path=DATA_PATH --pth_path=CKPT_PATH
 # CKPT_PATH: a .pth.tar file, or a run folder (its model_best.pth.tar, else last.pth.tar).
-# Overrides (CPU, CI): NPROC MODEL BATCH_SIZE IMG_SIZE DEVICE AMP WORKERS OUTPUT_ROOT (docs/SCRIPTS.md).
+# Overrides (CPU, CI): NPROC MODEL BATCH_SIZE IMG_SIZE DEVICE AMP WORKERS OUTPUT_ROOT (README.md, "Launch scripts").
 # shellcheck source=test/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 VAN_DISTRIBUTED=1

@@ -2,7 +2,7 @@
 # 8 devices, performance: torchrun --nproc_per_node=$NPROC (8), VAN-B2 (van_base), 128 images per device, AMP,
 # 1 epoch capped at MAX_STEPS (500) steps, no evaluation. FPS = global images / time of the steps after the first 5.
 #     bash test/train_performance_8p.sh --data_path=/data/imagenet [--batch_size=128]
-# Overrides (CPU, CI): NPROC MODEL BATCH_SIZE MAX_STEPS IMG_SIZE DEVICE AMP WORKERS OUTPUT_ROOT (docs/SCRIPTS.md).
+# Overrides (CPU, CI): NPROC MODEL BATCH_SIZE MAX_STEPS IMG_SIZE DEVICE AMP WORKERS OUTPUT_ROOT (README.md, "Launch scripts").
 # shellcheck source=test/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 VAN_DISTRIBUTED=1

@@ -20,7 +20,7 @@ def digits_dir(tmp_path_factory):
 def cli_env(**extra):
     env = dict(os.environ)
     env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
-    env.setdefault('OMP_NUM_THREADS', '2')
+    env.setdefault('OMP_NUM_THREADS', '1')  # the suite runs 2 test workers on 2 cores (make test: -n 2)
     env.pop('VANCLS_FAULT', None)
     env.update({k: str(v) for k, v in extra.items()})
     return env

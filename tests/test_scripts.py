@@ -13,8 +13,8 @@ Two kinds of tests, all on the CPU:
   non-zero exit, a clear message and no Final line.
 
 OMP_NUM_THREADS=1 keeps each process on one thread: on a small shared CPU, PyTorch's default of one thread per core
-in every process is ten times slower. `--aa none` (forwarded after `--`) turns RandAugment off: with Pillow >= 11
-timm's PosterizeIncreasing can ask for 0 bits, which Pillow rejects (see docs/SCRIPTS.md).
+in every process is ten times slower. `--aa none` (forwarded after `--`) turns RandAugment off to keep the
+scaled-down runs short.
 """
 import json
 import math

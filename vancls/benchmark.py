@@ -1,7 +1,7 @@
 """ Throughput, step time, peak memory and MFU of VAN's execution paths, on synthetic input.
 
     python benchmark.py --model van_b0 --img-size 224 -b 32 --device cpu --mode train
-    python benchmark.py --model van_b0 -b 32 --compare none,nhwc,nhwc_compiled --mode both --json-out out.json
+    python benchmark.py --model van_b0 -b 32 --compare none,nhwc,nhwc_lka --mode both --json-out out.json
     python -m vancls.benchmark ...
 
 A configuration ("spec") is a fast-path mode (models/fast_ops.py: none, nhwc, nhwc_compiled, auto) followed by
@@ -200,6 +200,11 @@ def count_flops(model: nn.Module, img_size: int, in_chans: int = 3) -> Optional[
 # ----------------------------------------------------------------------------------------------------------------
 # Runners
 
+def _resolve(mode: str, device: torch.device) -> str:
+    from models.fast_ops import resolve_fast_path
+    return resolve_fast_path(mode, device.type)
+
+
 class Runner:
     """One configuration: its own copy of the model (same initial weights), optimizer and step function."""
 
@@ -239,9 +244,14 @@ class Runner:
                 self.scaler = torch.amp.GradScaler('cuda')
         self.fn = model
         self.compile_requested = 'compile' in opts or args.compile
+        # modes that compile kernels on first use (see models/fast_ops.py)
+        self.compiles = self.compile_requested or spec['fast_path'] in ('nhwc_lka', 'nhwc_compiled') or (
+            spec['fast_path'] == 'auto' and hasattr(model, 'fast_path')
+            and _resolve(spec['fast_path'], device) in ('nhwc_lka', 'nhwc_compiled'))
         if self.compile_requested:
             self.fn = torch.compile(model)
         self.times: List[float] = []
+        self.cpu_times: List[float] = []
         self.first_step_s: Optional[float] = None
         self.memory: Dict[str, Any] = {}
 
@@ -272,11 +282,15 @@ class Runner:
                 self.fn(x)
 
     def timed_step(self, x, y) -> float:
+        """Wall seconds of one step; the process CPU seconds of it are appended to self.cpu_times."""
         _sync(self.device)
+        c = time.process_time()
         t = time.perf_counter()
         self.step(x, y)
         _sync(self.device)
-        return time.perf_counter() - t
+        wall = time.perf_counter() - t
+        self.cpu_times.append(time.process_time() - c)
+        return wall
 
 
 def run_benchmark(args) -> Dict[str, Any]:
@@ -315,6 +329,8 @@ def run_benchmark(args) -> Dict[str, Any]:
         for _ in range(max(args.warmup - 1, 0)):
             for r in runners:
                 r.timed_step(x, y)
+        for r in runners:
+            r.cpu_times.clear()
         for _ in range(args.steps):
             for r in runners:
                 r.times.append(r.timed_step(x, y))
@@ -326,21 +342,23 @@ def run_benchmark(args) -> Dict[str, Any]:
                 r.memory = meter.result()
         base = next((r for r in runners if r.name == baseline['name']), None)
         base_med = statistics.median(base.times) if base is not None else None
+        base_cpu = statistics.median(base.cpu_times) if base is not None else None
         for r in runners:
             med = statistics.median(r.times)
+            cpu_med = statistics.median(r.cpu_times)
             flops = None if flops_fwd is None else flops_fwd * args.batch_size * (3 if train else 1)
             mfu_peak = peak_amp if r.amp else peak
             res = dict(
                 config=r.name, mode=mode, model=args.model, img_size=args.img_size, batch_size=args.batch_size,
                 device=str(device), amp=r.amp, amp_dtype=args.amp_dtype if r.amp else None,
-                compiled=r.compile_requested or 'compiled' in r.spec['fast_path'],
+                compiled=r.compiles,
                 step_s_median=med, step_s_min=min(r.times), step_s_all=r.times,
                 img_per_s=args.batch_size / med,
                 first_step_s=r.first_step_s,
-                compile_s=max(r.first_step_s - med, 0.0) if (r.compile_requested or 'compiled' in r.spec['fast_path'])
-                else None,
+                compile_s=max(r.first_step_s - med, 0.0) if r.compiles else None,
                 mfu=(flops / med / mfu_peak) if flops else None,
                 speedup=(base_med / med) if base_med else None,
+                cpu_s_median=cpu_med, cpu_speedup=(base_cpu / cpu_med) if base_cpu else None,
                 **r.memory,
             )
             results.append(res)
@@ -357,7 +375,15 @@ def run_benchmark(args) -> Dict[str, Any]:
         model_gflops_per_img=flops_fwd / 1e9 if flops_fwd else None,
         matmul_peak_gflops=peak / 1e9, matmul_peak_amp_gflops=peak_amp / 1e9,
         baseline=baseline['name'], results=results,
+        load_average=_loadavg(),
     )
+
+
+def _loadavg() -> Optional[List[float]]:
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
 
 
 def _cpu_name() -> str:
@@ -372,7 +398,8 @@ def _cpu_name() -> str:
 
 
 def format_table(report: Dict[str, Any]) -> str:
-    head = ('mode', 'config', 'img/s', 'step ms', 'x base', 'MFU %', 'peak MB', 'act MB', 'first s', 'compile s')
+    head = ('mode', 'config', 'img/s', 'step ms', 'x base', 'cpu x', 'MFU %', 'peak MB', 'act MB', 'first s',
+            'compile s')
     rows = [head]
 
     def f(v, fmt):
@@ -380,7 +407,8 @@ def format_table(report: Dict[str, Any]) -> str:
 
     for r in report['results']:
         rows.append((r['mode'], r['config'], f(r['img_per_s'], '.2f'), f(r['step_s_median'] * 1e3, '.1f'),
-                     f(r['speedup'], '.2f'), f(None if r['mfu'] is None else 100 * r['mfu'], '.1f'),
+                     f(r['speedup'], '.2f'), f(r.get('cpu_speedup'), '.2f'),
+                     f(None if r['mfu'] is None else 100 * r['mfu'], '.1f'),
                      f(r.get('peak_mem_mb'), '.0f'), f(r.get('activation_mem_mb'), '.0f'),
                      f(r['first_step_s'], '.1f'), f(r['compile_s'], '.1f')))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
@@ -392,7 +420,9 @@ def format_table(report: Dict[str, Any]) -> str:
              f"({report['system']['device_name']}, {report['system']['cpu_threads']} threads, "
              f"torch {report['system']['torch']}); median of {a['steps']} steps after {a['warmup']} warm-up; "
              f"matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s; "
-             f"{(report['model_gflops_per_img'] or 0):.2f} GFLOPs/img fwd; x base = vs '{report['baseline']}'")
+             f"{(report['model_gflops_per_img'] or 0):.2f} GFLOPs/img fwd; x base = vs '{report['baseline']}' "
+             f"(wall), cpu x = the same in process CPU time; load average at the end "
+             f"{'/'.join(f'{v:.1f}' for v in (report.get('load_average') or []))}")
     return title + '\n' + '\n'.join(lines)
 
 
@@ -421,11 +451,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: leave as is)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--json-out', default='', help='write the full report (every step time) to this JSON file')
+    p.add_argument('--summarize', nargs='+', metavar='JSON', default=None,
+                   help='print one table of earlier --json-out reports (missing files are listed) and exit')
     return p
+
+
+def summarize(paths: List[str]) -> str:
+    """One table over several reports (e.g. benchmarks/gpu.sh's runs), each row with its model, size and batch."""
+    head = ('model', 'px', 'batch', 'mode', 'config', 'img/s', 'step ms', 'x base', 'MFU %', 'act MB', 'compile s')
+    rows, notes, system = [head], [], None
+
+    def f(v, fmt):
+        return '-' if v is None else format(v, fmt)
+
+    for path in paths:
+        try:
+            with open(path) as fh:
+                rep = json.load(fh)
+        except (OSError, ValueError) as e:
+            notes.append(f'missing: {path} ({type(e).__name__})')
+            continue
+        system = system or rep.get('system')
+        for r in rep['results']:
+            rows.append((r['model'], str(r['img_size']), str(r['batch_size']), r['mode'], r['config'],
+                         f(r['img_per_s'], '.1f'), f(r['step_s_median'] * 1e3, '.1f'),
+                         f(r['speedup'], '.2f') + ('' if rep['baseline'] == 'none' else f" (vs {rep['baseline']})"),
+                         f(None if r['mfu'] is None else 100 * r['mfu'], '.1f'),
+                         f(r.get('activation_mem_mb'), '.0f'), f(r['compile_s'], '.1f')))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+    lines = ['  '.join(str(c).ljust(w) if i in (0, 3, 4) else str(c).rjust(w) for i, (c, w) in
+                       enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, '  '.join('-' * w for w in widths))
+    title = ''
+    if system:
+        title = (f"{system.get('device_name')}, torch {system.get('torch')}; x base = vs 'none' (eager fp32 NCHW) "
+                 f"of the same run\n")
+    return title + '\n'.join(lines + notes)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return {}
     if args.fast_path_alias:
         args.config = args.fast_path_alias
     if args.warmup < 1 or args.steps < 1:

@@ -1,0 +1,54 @@
+"""benchmark.py / vancls.benchmark: a 2-step smoke run writes its JSON and table (no timing assertions)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from vancls import benchmark  # noqa: E402
+
+
+def test_smoke_compare_writes_json(tmp_path, capsys):
+    out = tmp_path / 'bench.json'
+    report = benchmark.main([
+        '--model', 'van_b0', '--img-size', '32', '-b', '2', '--num-classes', '10', '--warmup', '1', '--steps', '2',
+        '--mode', 'both', '--compare', 'nhwc,nhwc+fuse,nhwc+ckpt,none+noopt', '--threads', '1',
+        '--json-out', str(out)])
+    printed = capsys.readouterr().out
+    assert 'x base' in printed and 'nhwc+fuse' in printed
+    data = json.loads(out.read_text())
+    assert data['baseline'] == 'none'
+    configs = [(r['mode'], r['config']) for r in data['results']]
+    # the baseline is added first when --compare omits it; every config runs in both modes
+    assert configs[0] == ('train', 'none') and ('infer', 'nhwc+fuse') in configs and len(configs) == 10
+    for r in data['results']:
+        assert len(r['step_s_all']) == 2 and r['step_s_median'] > 0 and r['img_per_s'] > 0
+        assert r['speedup'] is not None and r['cpu_s_median'] >= 0
+        assert r['peak_mem_mb'] is None or r['peak_mem_mb'] > 0
+        assert r['mfu'] is None or 0 < r['mfu'] < 10
+    assert data['matmul_peak_gflops'] > 0 and data['model_gflops_per_img'] > 0
+    base = next(r for r in data['results'] if r['config'] == 'none' and r['mode'] == 'train')
+    assert base['speedup'] == pytest.approx(1.0)
+    assert report['results'] == data['results']
+    # --summarize reads it back into one table
+    benchmark.main(['--summarize', str(out), str(tmp_path / 'missing.json')])
+    table = capsys.readouterr().out
+    assert 'van_b0' in table and 'missing:' in table
+
+
+def test_bad_spec_is_a_clear_error():
+    with pytest.raises(SystemExit, match='accepted values are'):
+        benchmark.main(['--config', 'warp', '--steps', '1'])
+    with pytest.raises(SystemExit, match='unknown option'):
+        benchmark.main(['--config', 'nhwc+turbo', '--steps', '1'])
+
+
+def test_cli_wrapper_help():
+    res = subprocess.run([sys.executable, os.path.join(_ROOT, 'benchmark.py'), '--help'], capture_output=True,
+                         text=True, cwd=_ROOT, timeout=120)
+    assert res.returncode == 0 and '--compare' in res.stdout and 'fusedadam' in res.stdout

@@ -1,0 +1,314 @@
+"""The fast execution paths (models/fast_ops.py) compute what the plain path computes (CPU, small inputs).
+
+fp32 on VAN-B0: logits, every parameter gradient and the BatchNorm running statistics of a train step agree
+within 1e-4 relative (to each tensor's scale); eval logits too; VAN.fuse() within 1e-5. The state_dict is
+unchanged by every mode. Compiled paths run on tiny inputs (cold compiles are slow on small CPUs).
+"""
+import copy
+import io
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import timm  # noqa: E402
+import models  # noqa: E402,F401  (registers the VAN variants with timm)
+from models.van import VAN, fast_path_modes  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REL = 1e-4
+EAGER_MODES = ['nhwc', 'auto']  # no compilation; 'nhwc_lka' / 'nhwc_compiled' are tested on a tiny VAN below
+
+
+def _close(actual, expected, rel, what, scale=None):
+    scale = expected.detach().abs().max().item() if scale is None else scale
+    torch.testing.assert_close(actual.detach().float(), expected.detach().float(), rtol=0,
+                               atol=rel * max(scale, 1e-12), msg=lambda m: f'{what}: {m}')
+
+
+def _randomize_norms(model):
+    """Non-trivial BatchNorm statistics/affines and layer scales, so that folding is really exercised."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.randn(m.num_features, generator=g) * 0.5 + 1)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+        for n, p in model.named_parameters():
+            if 'layer_scale' in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _train_step(model, x, y):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    F.cross_entropy(out, y).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    bufs = {n: b.detach().clone() for n, b in model.named_buffers()}
+    return out.detach(), grads, bufs
+
+
+def _assert_step_equal(got, ref, rel=REL):
+    out, grads, bufs = got
+    out_r, grads_r, bufs_r = ref
+    _close(out, out_r, rel, 'logits')
+    assert set(grads) == set(grads_r)
+    for n, g in grads.items():
+        scale = grads_r[n].abs().max().item()
+        if n.endswith('proj.bias') and n.startswith('patch_embed'):
+            # A conv bias before train-mode BatchNorm has an exactly-zero gradient; only round-off remains.
+            scale = grads_r[n[:-len('bias')] + 'weight'].abs().max().item()
+        _close(g, grads_r[n], rel, f'grad {n}', scale)
+    for n, b in bufs.items():
+        if n.endswith('num_batches_tracked'):
+            assert torch.equal(b, bufs_r[n]), n
+        elif n.endswith('running_mean'):
+            # norm1 of a stage's first block sees the patch embedding's BN output, whose batch mean is ~0.
+            var_scale = bufs_r[n[:-len('mean')] + 'var'].abs().max().item()
+            _close(b, bufs_r[n], rel, f'buffer {n}', max(bufs_r[n].abs().max().item(), var_scale))
+        else:
+            _close(b, bufs_r[n], rel, f'buffer {n}')
+
+
+@pytest.fixture(scope='module')
+def b0():
+    torch.manual_seed(0)
+    return timm.create_model('van_b0', num_classes=10)
+
+
+@pytest.fixture(scope='module')
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 3, 64, 64, generator=g), torch.randint(0, 10, (2,), generator=g)
+
+
+# --------------------------------------------------------------------------------------------------- API
+
+def test_modes_and_validation(b0):
+    modes = fast_path_modes()
+    assert {'none', 'nhwc', 'nhwc_lka', 'nhwc_compiled', 'auto'} <= set(modes)
+    m = copy.deepcopy(b0)
+    assert m.fast_path == 'none'  # the default keeps the reference ops
+    with pytest.raises(ValueError, match='accepted values are none, nhwc'):
+        m.set_fast_path('fastest')
+    with pytest.raises(ValueError):
+        timm.create_model('van_b0', fast_path='bogus', num_classes=10)
+    assert m.set_fast_path('nhwc') is m and m.fast_path == 'nhwc'
+
+
+@pytest.mark.parametrize('mode', fast_path_modes())
+def test_state_dict_unchanged(b0, mode):
+    ref_sd = b0.state_dict()
+    m = timm.create_model('van_b0', num_classes=10, fast_path=mode)
+    assert m.fast_path == mode
+    sd = m.state_dict()
+    assert list(sd) == list(ref_sd)
+    assert all(sd[k].shape == ref_sd[k].shape for k in sd)
+    m.load_state_dict(ref_sd, strict=True)  # official layout both ways
+
+
+# ---------------------------------------------------------------------------------------- equality (eager)
+
+@pytest.mark.parametrize('mode', EAGER_MODES)
+def test_train_step_equal(b0, batch, mode):
+    x, y = batch
+    ref = _train_step(copy.deepcopy(b0).train(), x, y)
+    fast = copy.deepcopy(b0).train().set_fast_path(mode)
+    _assert_step_equal(_train_step(fast, x, y), ref)
+    # The features keep the NCHW shape (a channels_last view) and values.
+    with torch.no_grad():
+        feats = fast.eval().forward_features(x)
+        feats_ref = copy.deepcopy(fast).set_fast_path('none').forward_features(x)
+    assert feats.shape == feats_ref.shape
+    _close(feats, feats_ref, REL, 'features')
+
+
+def test_train_step_equal_channels_last_input_and_checkpointing(b0, batch):
+    x, y = batch
+    # Checkpointing recomputes each block in backward, BatchNorm statistics included (in both paths alike).
+    ref_model = copy.deepcopy(b0).train()
+    ref_model.set_grad_checkpointing(True)
+    ref = _train_step(ref_model, x, y)
+    fast = copy.deepcopy(b0).train().set_fast_path('nhwc')
+    fast.set_grad_checkpointing(True)
+    _assert_step_equal(_train_step(fast, x.contiguous(memory_format=torch.channels_last), y), ref)
+
+
+def test_eval_equal_with_trained_norms(b0, batch):
+    x, _ = batch
+    ref_model = copy.deepcopy(b0).eval()
+    _randomize_norms(ref_model)
+    fast = copy.deepcopy(ref_model).set_fast_path('nhwc')
+    with torch.no_grad():
+        _close(fast(x), ref_model(x), REL, 'eval logits')
+
+
+def test_ddp_wraps_fast_path(b0, batch, tmp_path):
+    """DDP (gloo, world size 1) over a model switched to the fast path: same gradients, official keys."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    x, y = batch
+    ref = _train_step(copy.deepcopy(b0).train(), x, y)
+    store = dist.FileStore(str(tmp_path / 'store'), 1)
+    dist.init_process_group('gloo', store=store, rank=0, world_size=1)
+    try:
+        model = copy.deepcopy(b0).train().set_fast_path('nhwc')
+        ddp = DDP(model)
+        ddp.zero_grad(set_to_none=True)
+        F.cross_entropy(ddp(x), y).backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        for n in ('patch_embed1.proj.weight', 'block1.0.attn.spatial_gating_unit.conv_spatial.weight',
+                  'block4.1.mlp.fc2.weight', 'head.weight'):
+            _close(grads[n], ref[1][n], REL, n)
+        assert all(k.startswith('module.') for k in ddp.state_dict())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_autocast_bf16(b0, batch):
+    """Under bf16 autocast the NHWC path runs its convs in bf16 (as F.conv2d would), keeps fp32 master grads,
+    and stays within bf16 round-off of the fp32 result (the plain path's own bf16 error is of the same order)."""
+    x, y = batch
+    ref = copy.deepcopy(b0).train()
+    out_ref = ref(x).detach()
+    m = copy.deepcopy(b0).train().set_fast_path('nhwc')
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = m(x)
+        loss = F.cross_entropy(out, y)
+    loss.backward()
+    assert out.dtype == torch.bfloat16
+    _close(out.float(), out_ref, 5e-2, 'bf16 logits vs fp32')
+    for n, p in m.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), n
+
+
+# ------------------------------------------------------------------------------------------------- fuse()
+
+@pytest.mark.parametrize('nhwc', [False, True])
+def test_fuse_equal(b0, batch, nhwc):
+    x, _ = batch
+    model = copy.deepcopy(b0).eval()
+    _randomize_norms(model)
+    with torch.no_grad():
+        ref = model(x)
+        fused = model.fuse(nhwc=nhwc)
+        out = fused(x)
+    _close(out, ref, 1e-5, f'fused (nhwc={nhwc}) logits')
+    assert not fused.training
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert all(not p.requires_grad for p in fused.parameters())
+    with pytest.raises(RuntimeError, match='inference-only'):
+        fused.train()
+    # the source model is unchanged
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) and model.fast_path == 'none'
+
+
+def test_fused_model_traces_and_exports(b0):
+    """The fused model is plain ops: torch.jit.trace reproduces it (NCHW and NHWC), ONNX runs it (if installed)."""
+    x = torch.randn(1, 3, 32, 32)
+    model = copy.deepcopy(b0).eval()
+    _randomize_norms(model)
+    for nhwc in (False, True):
+        fused = model.fuse(nhwc=nhwc)
+        with torch.no_grad():
+            ref = fused(x)
+            traced = torch.jit.trace(fused, x)
+            _close(traced(x), ref, 1e-6, f'traced (nhwc={nhwc})')
+    ort = pytest.importorskip('onnxruntime')
+    pytest.importorskip('onnx')
+    buf = io.BytesIO()
+    try:
+        torch.onnx.export(model.fuse(nhwc=False), (x,), buf, input_names=["input"],
+                          output_names=['logits'], dynamo=False)
+    except Exception as e:  # noqa: BLE001 - exporter availability varies across torch builds
+        pytest.skip(f'torch.onnx.export unavailable here: {type(e).__name__}: {e}')
+    sess = ort.InferenceSession(buf.getvalue(), providers=['CPUExecutionProvider'])
+    out = torch.from_numpy(sess.run(None, {'input': x.numpy()})[0])
+    with torch.no_grad():
+        _close(out, model(x), 1e-5, 'onnx vs unfused')
+
+
+# --------------------------------------------------------------------------------------------- compiled
+# Compiled kernels are specialized to shapes, and cold compiles are slow on small CPUs: these tests use a one-stage
+# VAN (the per-stage code is the same as in b0) and direct op checks at that stage's shape, so that the few
+# kernels compiled are shared between them.
+
+def _tiny_van(**kw):
+    torch.manual_seed(0)
+    return VAN(num_classes=5, embed_dims=(8,), mlp_ratios=(2,), depths=(1,), num_stages=1, **kw)
+
+
+@pytest.fixture(scope='module')
+def tiny_batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 5, (2,), generator=g)  # stage 1: 8x8x8
+
+
+def test_lka_kernels_equal(tiny_batch):
+    """nhwc_lka: the compiled shifted multiply-add kernels equal F.conv2d (values and all gradients), and the
+    model's train step, eval logits and fused model equal the plain path."""
+    from models.fast_ops import dw_plan, dwconv_nhwc
+    g = torch.Generator().manual_seed(2)
+    for k, d in ((7, 3), (5, 1)):
+        conv = nn.Conv2d(8, 8, k, padding=d * (k // 2), dilation=d, groups=8)
+        plan = dw_plan(conv)
+        assert plan == (d > 1, True)
+        x = torch.randn(2, 8, 8, 8, generator=g, requires_grad=True)  # B, H, W, C
+        gy = torch.randn(2, 8, 8, 8, generator=g)
+        y = dwconv_nhwc(x, conv.weight, conv.bias, d, *plan)
+        y.backward(gy)
+        got = (y.detach(), x.grad, conv.weight.grad, conv.bias.grad)
+        x2 = x.detach().clone().requires_grad_()
+        conv.zero_grad()
+        y2 = conv(x2.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        y2.backward(gy)
+        for a, b, what in zip(got, (y2.detach(), x2.grad, conv.weight.grad, conv.bias.grad), 'y dx dw db'.split()):
+            _close(a, b, REL, f'{k}x{k} d{d} {what}')
+    x, y = tiny_batch
+    base = _tiny_van()
+    ref = _train_step(copy.deepcopy(base).train(), x, y)
+    m = copy.deepcopy(base).train().set_fast_path('nhwc_lka')
+    _assert_step_equal(_train_step(m, x, y), ref)
+    m.eval()
+    _randomize_norms(m)
+    with torch.no_grad():
+        plain = copy.deepcopy(m).set_fast_path('none')(x)
+        _close(m(x), plain, REL, 'eval logits')
+        fused = m.fuse()
+        assert fused.nhwc and fused.shift
+        _close(fused(x), plain, 1e-5, 'fused logits (shift kernels)')
+
+
+def test_nhwc_compiled_equal(tiny_batch):
+    """nhwc_compiled: each block compiled (regional), with the LKA kernels inside."""
+    x, y = tiny_batch
+    base = _tiny_van()
+    ref = _train_step(copy.deepcopy(base).train(), x, y)
+    m = copy.deepcopy(base).train().set_fast_path('nhwc_compiled')
+    _assert_step_equal(_train_step(m, x, y), ref)
+
+
+def test_torch_compile_over_fast_path(tiny_batch):
+    """What train.py does: set_fast_path after .to(device), then torch.compile(model): same numbers, keys with
+    `_orig_mod.` (stripped by clean_state_dict)."""
+    x, y = tiny_batch
+    base = _tiny_van()
+    ref = _train_step(copy.deepcopy(base).train(), x, y)
+    m = copy.deepcopy(base).train().set_fast_path('nhwc')
+    compiled = torch.compile(m)
+    got = _train_step(compiled, x, y)
+    _close(got[0], ref[0], REL, 'compiled logits')
+    for n, grad in got[1].items():
+        _close(grad, ref[1][n.replace('_orig_mod.', '')], REL, f'compiled grad {n}',
+               None if n != '_orig_mod.patch_embed1.proj.bias' else ref[1]['patch_embed1.proj.weight'].abs().max().item())
+    assert all(k.startswith('_orig_mod.') for k in compiled.state_dict())

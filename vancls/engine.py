@@ -184,11 +184,11 @@ def evaluate(model, loader, env: DistEnv, amp: Amp, channels_last: bool = False,
             inputs, targets = inputs.to(env.device, non_blocking=True), targets.to(env.device, non_blocking=True)
         if channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        if i == WARMUP_STEPS:
+        # Time the batches after the first WARMUP_STEPS; a set of fewer batches is timed whole.
+        if i == 0 or i == WARMUP_STEPS:
             synchronize(env.device)
-            t0 = time.perf_counter()
-        elif i > WARMUP_STEPS:
-            timed += inputs.shape[0]
+            t0, timed = time.perf_counter(), 0
+        timed += inputs.shape[0]
         with amp.autocast():
             output = model(inputs)
         output = output.float()

@@ -18,7 +18,9 @@ official layout), selected with `VAN.set_fast_path(mode)` or `timm.create_model(
                    seconds. A new batch size compiles again (static shapes are 3-6x faster than dynamic here).
   'nhwc_compiled'  'nhwc_lka' with each Block (and each stage's patch embedding) compiled by torch.compile
                    (regional compilation: blocks of a stage share one compiled graph), which fuses BatchNorm,
-                   gating, layer scale and residual adds. Measured slower than 'nhwc_lka' on the 2-core CPU.
+                   gating, layer scale and residual adds. On the 2-core CPU it measured on par with eager
+                   'nhwc' (batch 8, before the LKA kernels existed) at a much longer cold compile: not
+                   recommended there; kept for devices where fusion pays (untested on GPUs).
   'auto'           per device type, see `AUTO_MODES`: 'nhwc' on cpu and cuda (no compilation: robust for short
                    runs and tests); choose 'nhwc_lka' explicitly for long CPU runs (docs/PERFORMANCE.md).
 
@@ -65,7 +67,7 @@ def check_fast_path(mode: str) -> str:
 
 
 def resolve_fast_path(mode: str, device_type: str) -> str:
-    """The concrete mode ('none', 'nhwc' or 'nhwc_compiled') that `mode` means on `device_type`."""
+    """The concrete mode ('none', 'nhwc', 'nhwc_lka' or 'nhwc_compiled') that `mode` means on `device_type`."""
     if mode == 'auto':
         return AUTO_MODES.get(device_type, 'none')
     return mode
@@ -91,6 +93,14 @@ def conv1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 # autograd nor torch.compile can hand the backend an NCHW-contiguous tensor: oneDNN's depth-wise kernels are
 # several times slower on NCHW than on channels_last, above all in backward (Inductor otherwise picks its own
 # strides for the conv's inputs and grads, which made the compiled path slower than eager).
+
+def _like_param(grad: torch.Tensor) -> torch.Tensor:
+    """A weight gradient in canonical contiguous strides, as the fake kernels and the parameters have them.
+
+    oneDNN returns weight grads channels_last, and depth-wise ones with an odd stride on their size-1 dim, which
+    DDP's gradient buckets warn about (and compiled graphs assert on)."""
+    return grad.contiguous().view(-1).view(grad.shape)
+
 
 def _conv_out_size(n: int, k: int, stride: int, padding: int, dilation: int) -> int:
     return (n + 2 * padding - dilation * (k - 1) - 1) // stride + 1
@@ -123,8 +133,7 @@ def conv2d_nhwc_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tens
         [need_input, need_weight, has_bias])
     empty = grad.new_empty(0)
     gx = gx.permute(0, 2, 3, 1).contiguous() if gx is not None else empty
-    # oneDNN may return the weight grad channels_last: the fake kernel (and the parameter) are contiguous.
-    return [gx, gw.contiguous() if gw is not None else empty, gb if gb is not None else empty]
+    return [gx, _like_param(gw) if gw is not None else empty, gb if gb is not None else empty]
 
 
 @conv2d_nhwc_backward.register_fake
@@ -297,7 +306,7 @@ def dwconv_nhwc_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tens
         if backend_mask[0]:
             gx = bgx.permute(0, 2, 3, 1).contiguous()
         if backend_mask[1]:
-            gw, gb = bgw.contiguous(), bgb
+            gw, gb = _like_param(bgw), bgb
     if need_input and shift_fwd:
         gx = _shift_conv(grad, _taps(weight, flip=True), grad.new_zeros(c), k, dilation)
     if need_weight and shift_wgrad:

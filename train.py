@@ -287,7 +287,7 @@ def _train(args, env):
     if resume_ckpt is not None and not args.no_resume_opt and resume_ckpt.get('rng'):
         set_rng_state(resume_ckpt['rng'], env.device)  # last thing before training: nothing below draws from it
     totals = {'images': 0, 'seconds': 0.}
-    best_top1, eval_metrics, train_metrics = None, {}, {}
+    eval_metrics, train_metrics = {}, {}
     recovery = None
     if args.recovery_interval > 0 and env.is_main:
         def recovery(step, updates, state):

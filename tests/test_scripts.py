@@ -191,7 +191,7 @@ def test_full_1p(small_digits, tmp_path):
 
 def test_full_8p_two_processes(full_8p):
     p, out = full_8p
-    r = check_success(p, out, 'train_full_8p', 'full', ranks=2)
+    check_success(p, out, 'train_full_8p', 'full', ranks=2)
     log = open(os.path.join(out, '0', 'train_0.log')).read()
     assert '--max-restarts=0' in log and '--resume auto' in log
 

@@ -1,6 +1,5 @@
 """Model, optimizer, loss and mixup from the parsed arguments (shared by train.py, validate.py and predict.py)."""
 import logging
-from typing import Optional
 
 import torch
 import torch.nn as nn

@@ -10,7 +10,8 @@ import logging
 import os
 import random
 import re
-from typing import Any, Dict, List, Optional
+import shutil
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -42,17 +43,15 @@ def _fsync_dir(folder: str):
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str):
-    """Write to a temporary file in the same folder, flush + fsync, then os.replace: `path` is always either
-    the previous complete file or the new complete file, even if the process dies or the disk fills."""
+def _atomic_replace(path: str, write):
+    """Let `write(tmp)` produce a complete file next to `path`, then rename it over `path`: a kill or a full disk
+    leaves `path` as the previous complete file, and the temporary file is removed on any error."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
     try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        faults.during_save()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         try:
@@ -66,29 +65,27 @@ def atomic_save(obj: Any, path: str):
     _fsync_dir(folder)
 
 
+def atomic_save(obj: Any, path: str):
+    """torch.save `obj` to `path` atomically (temporary file, flush + fsync, rename)."""
+    def write(tmp):
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        faults.during_save()  # fault injection: between the complete temporary file and the rename
+    _atomic_replace(path, write)
+
+
 def atomic_link_or_copy(src: str, dst: str):
-    """Make dst hold the same bytes as src, atomically (hard link when possible, else a copy)."""
-    folder = os.path.dirname(os.path.abspath(dst))
-    tmp = os.path.join(folder, f'.{os.path.basename(dst)}.tmp{os.getpid()}')
-    try:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Make dst hold the same bytes as src, atomically (hard link when possible, else an fsynced copy)."""
+    def write(tmp):
         try:
             os.link(src, tmp)
         except OSError:
-            import shutil
             shutil.copyfile(src, tmp)
             with open(tmp, 'rb+') as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except OSError as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise CheckpointError(f'could not write checkpoint {dst}: {e.strerror or e}; the previous file is intact') \
-            from e
-    _fsync_dir(folder)
+    _atomic_replace(dst, write)
 
 
 def remove_stale_temporaries(folder: str):

@@ -92,7 +92,7 @@ def train_one_epoch(
         if step >= total_steps:
             break
         data_time = time.perf_counter() - t_data
-        if not inputs.is_cuda and env.device.type != 'cpu':
+        if inputs.device != env.device:  # the prefetcher already delivers on the device
             inputs, targets = inputs.to(env.device, non_blocking=True), targets.to(env.device, non_blocking=True)
         if mixup_fn is not None:
             inputs, targets = mixup_fn(inputs, targets)
@@ -180,7 +180,7 @@ def evaluate(model, loader, env: DistEnv, amp: Amp, channels_last: bool = False,
     sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss, correct1, correct5, count
     timed, t0 = 0, None
     for i, (inputs, targets) in enumerate(loader):
-        if env.device.type != 'cpu' and not inputs.is_cuda:
+        if inputs.device != env.device:
             inputs, targets = inputs.to(env.device, non_blocking=True), targets.to(env.device, non_blocking=True)
         if channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)

@@ -17,11 +17,12 @@ from types import SimpleNamespace
 
 import torch
 
+from models.fast_ops import compile_inference
 from vancls import builders
 from vancls.checkpoint import clean_state_dict, load_checkpoint_file, load_model_weights
 from vancls.config import UsageError, parse_with_config, run_cli
 from vancls.data import IMG_EXTENSIONS, build_transform, load_class_map, open_rgb
-from vancls.device import DEVICE_CHOICES, plan_device
+from vancls.device import DEVICE_CHOICES, setup_distributed
 
 # Data options that default to the values the model was trained with (saved in our checkpoints' `args`).
 _DATA_KEYS = ('input_size', 'img_size', 'crop_pct', 'mean', 'std', 'interpolation')
@@ -44,6 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default='auto', choices=DEVICE_CHOICES)
     p.add_argument('--fast-path', default='auto', help='execution mode of the fused model (see models/fast_ops.py)')
     p.add_argument('--no-fuse', action='store_true', help='run the unfused model')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model (Inductor freezing on CPU)')
     p.add_argument('--json', action='store_true', help='print one JSON document instead of text')
     p.add_argument('--trust-checkpoint', action='store_true')
     return p
@@ -130,10 +132,8 @@ def collect_files(inputs):
 def main(args):
     if args.topk < 1 or args.batch_size < 1:
         raise UsageError('--topk and --batch-size must be >= 1')
+    device = setup_distributed(args.device).device  # one process: selects the device (CPU allocator policy too)
     model, meta, data_config = load_trained_model(args)
-    device, _ = plan_device(args.device)
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
     model.to(device)
     if hasattr(model, 'set_fast_path'):
         try:
@@ -142,6 +142,9 @@ def main(args):
             raise UsageError(f'--fast-path: {e}') from None
     if not args.no_fuse and hasattr(model, 'fuse'):
         model = model.fuse()
+    model.eval()
+    if args.compile:
+        model = compile_inference(model, device.type)
     transform = build_transform(args, data_config, is_training=False, use_prefetcher=False)
     names, k = meta['class_names'], min(args.topk, meta['num_classes'])
 

@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from models.fast_ops import compile_inference
 from vancls import builders
 from vancls.checkpoint import load_model_weights, read_checkpoint
 from vancls.config import UsageError, run_cli
@@ -46,7 +47,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--amp', action='store_true')
     p.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'))
     p.add_argument('--channels-last', action='store_true')
-    p.add_argument('--compile', action='store_true')
+    p.add_argument('--compile', action='store_true',
+                   help='torch.compile the model (on CPU with Inductor freezing: weights as constants, see '
+                        'models/fast_ops.compile_inference); fastest CPU setting: --fast-path nhwc_lka --fuse --compile')
     p.add_argument('--fuse', action='store_true', help='fold BatchNorm and layer scale (inference-only model)')
     p.add_argument('--fast-path', default='none')
     p.add_argument('--trust-checkpoint', action='store_true')
@@ -107,7 +110,7 @@ def _validate(args, env):
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.compile:
-        model = torch.compile(model)
+        model = compile_inference(model, env.device.type)
     loader, _ = build_loader(val_ds, args.batch_size, env, is_training=False, workers=args.workers, seed=args.seed,
                              use_prefetcher=use_prefetcher, data_config=data_config, pin_memory=args.pin_mem)
     metrics = evaluate(model, loader, env, amp, args.channels_last)

@@ -33,6 +33,11 @@ across modes.
 convolutions that follow (norm1 -> proj_1, norm2 -> fc1) or precede (patch_embed.norm -> proj), layer scales
 folded into proj_2 / fc2, and Attention's shortcut (taken after norm1) becoming a per-channel affine of the
 block input. It is built from plain tensor ops (no data-dependent Python control flow), so it traces for ONNX.
+
+`compile_inference(model)` compiles a model whose weights will not change any more (validate.py, predict.py,
+benchmark.py's 'freeze'): on CPU with Inductor's freezing, which turns the weights into constants, pre-packs
+them for oneDNN and fuses the element-wise ops between the GEMMs; van_b2 @224 inference (fused, nhwc_lka) then
+ran ~2x the reference's eager path where the uncompiled fused model ran ~1.6-1.9x (docs/PERFORMANCE.md).
 """
 import copy
 import types
@@ -44,7 +49,7 @@ import torch.nn.functional as F
 
 __all__ = [
     'FAST_PATH_MODES', 'AUTO_MODES', 'fast_path_modes', 'check_fast_path', 'resolve_fast_path',
-    'forward_features_nhwc', 'fuse_van', 'FusedVAN',
+    'forward_features_nhwc', 'fuse_van', 'FusedVAN', 'compile_inference',
 ]
 
 FAST_PATH_MODES: Tuple[str, ...] = ('none', 'nhwc', 'nhwc_lka', 'nhwc_compiled', 'auto')
@@ -252,9 +257,11 @@ def _kernel(fn: Callable, key: tuple) -> Callable:
 
         def run(*args, _compiled=compiled):
             # The ops' own autograd formulas are the backward: compile inference graphs only (no saved tensors,
-            # one graph whether called in training or under no_grad).
+            # one graph whether called in training or under no_grad). Parameters go in as plain tensors: with
+            # Inductor's freezing on (compiled inference elsewhere in the process) dynamo guards on a
+            # Parameter's identity, and every block's bias would recompile the kernel until the limit.
             with torch.no_grad():
-                return _compiled(*args)
+                return _compiled(*(a.detach() if isinstance(a, nn.Parameter) else a for a in args))
         _kernels[key] = run
     return _kernels[key]
 
@@ -591,3 +598,15 @@ def fuse_van(model: nn.Module, nhwc: Optional[bool] = None) -> FusedVAN:
         nhwc = mode != 'none'
     with torch.no_grad():
         return FusedVAN(model, nhwc=nhwc, shift=nhwc and mode in ('nhwc_lka', 'nhwc_compiled'))
+
+
+def compile_inference(model: nn.Module, device_type: str) -> nn.Module:
+    """torch.compile for inference with frozen weights: Inductor's freezing on CPU, plain compile elsewhere.
+
+    Freezing bakes the current parameter values into the compiled graph (constant folding, oneDNN weight
+    pre-packing): only for models whose weights no longer change, called under torch.no_grad() /
+    inference_mode() (with grad enabled Inductor compiles a training graph, without freezing). Not for the
+    per-epoch evaluation during training, where the (EMA) weights change between calls. On CUDA freezing is
+    not measured here, so it is left off there.
+    """
+    return torch.compile(model, options={'freezing': True} if device_type == 'cpu' else None)

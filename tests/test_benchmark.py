@@ -41,6 +41,19 @@ def test_smoke_compare_writes_json(tmp_path, capsys):
     assert 'van_b0' in table and 'missing:' in table
 
 
+def test_freeze_config_and_allocator_policy(tmp_path):
+    """'+freeze' (validate.py --compile's frozen-weight compile) is a compiled inference config with its cold
+    compile reported; --malloc retain times it, then memory is measured with blocks returned on free."""
+    out = tmp_path / 'freeze.json'
+    benchmark.main(['--model', 'van_b0', '--img-size', '32', '-b', '2', '--num-classes', '10', '--warmup', '1',
+                    '--steps', '1', '--mode', 'infer', '--compare', 'none+fuse+freeze', '--threads', '1',
+                    '--malloc', 'retain', '--json-out', str(out)])
+    data = json.loads(out.read_text())
+    frozen = next(r for r in data['results'] if r['config'] == 'none+fuse+freeze')
+    assert frozen['compiled'] and frozen['compile_s'] is not None and frozen['img_per_s'] > 0
+    assert data['args']['malloc'] == 'retain'
+    assert frozen['activation_mem_mb'] is None or frozen['activation_mem_mb'] >= 0
+
 def test_bad_spec_is_a_clear_error():
     with pytest.raises(SystemExit, match='accepted values are'):
         benchmark.main(['--config', 'warp', '--steps', '1'])

@@ -314,3 +314,26 @@ def test_torch_compile_over_fast_path(tiny_batch):
         _close(grad, ref[1][name], REL, f'compiled grad {n}',
                stem_w_scale if name == 'patch_embed1.proj.bias' else None)
     assert all(k.startswith('_orig_mod.') for k in compiled.state_dict())
+
+
+def test_compile_inference_frozen(tiny_batch, monkeypatch):
+    """validate.py / predict.py --compile: the fused nhwc_lka model compiled with frozen weights (Inductor
+    freezing on CPU) gives the plain model's logits; and with freezing switched on for the whole process
+    (TORCHINDUCTOR_FREEZING=1) the LKA kernels are not recompiled for every block (dynamo guards on the identity
+    of Parameters under freezing, so they must reach the kernels as plain tensors)."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+    from models import fast_ops
+    x, _ = tiny_batch
+    torch.manual_seed(0)
+    m = VAN(num_classes=5, embed_dims=(8,), mlp_ratios=(2,), depths=(2,), num_stages=1).eval()
+    _randomize_norms(m)
+    with torch.no_grad():
+        plain = m(x)
+        fused = m.set_fast_path('nhwc_lka').fuse()
+        monkeypatch.setattr(fast_ops, '_kernels', {})  # fresh kernel wrappers: no guards cached by other tests
+        with inductor_config.patch(freezing=True), torch._dynamo.config.patch(error_on_recompile=True):
+            _close(fused(x), plain, 1e-5, 'fused, shift kernels, freezing on')  # two blocks, one kernel shape
+        compiled = fast_ops.compile_inference(fused, 'cpu')
+        _close(compiled(x), plain, 1e-5, 'compile_inference(fused) logits')
+        _close(compiled(x + 1), m.set_fast_path('none')(x + 1), 1e-5, 'second call, new values')

@@ -171,6 +171,37 @@ def test_device_layer_errors(monkeypatch):
         device.resolve_device_type('tpu')
     assert device.resolve_device_type('auto') == 'cpu'
     assert device.plan_device('cpu', 5) == (torch.device('cpu'), 'gloo')
+    monkeypatch.setenv('VANCLS_CPU_MALLOC', 'jemalloc')
+    with pytest.raises(device.DeviceError, match="VANCLS_CPU_MALLOC='jemalloc'.*retain, default"):
+        device.setup_distributed('cpu')
+
+
+_MALLOC_PROBE = '''
+import sys, torch
+from vancls.device import tune_cpu_allocator
+def rss_mib():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) // 1024
+applied = tune_cpu_allocator(sys.argv[1])
+before = rss_mib()
+t = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB: above glibc's largest mmap threshold (32 MiB)
+del t
+print(applied, rss_mib() - before)
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc allocator policy (Linux)')
+def test_cpu_allocator_retain_keeps_freed_blocks():
+    """'retain' (what setup_distributed applies on CPU): a freed 64 MiB tensor stays in the process, so the next
+    step does not fault its pages in again; 'default' leaves glibc unmapping it."""
+    out = {}
+    for policy in ('retain', 'default'):
+        r = subprocess.run([sys.executable, '-c', _MALLOC_PROBE, policy], cwd=ROOT, env=cli_env(),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        applied, kept = r.stdout.split()
+        out[policy] = (applied, int(kept))
+    assert out['retain'][0] == 'True' and out['retain'][1] >= 60, out
+    assert out['default'][0] == 'False' and out['default'][1] < 16, out
 
 
 def _bad_tree(tmp_path, digits_dir, kind):

@@ -8,12 +8,14 @@ A configuration ("spec") is a fast-path mode (models/fast_ops.py: none, nhwc, nh
 options joined with '+':
     compile     torch.compile(model) on top (whole model; the cold compile time is reported)
     fuse        inference only: VAN.fuse() (BatchNorm and layer scales folded); ignored for training
+    freeze      inference only: compile with frozen weights (models/fast_ops.compile_inference: Inductor
+                freezing on CPU, what validate.py --compile does); ignored for training
     ckpt        training with set_grad_checkpointing()
     cl          channels_last model and input (the plain eager recipe on GPUs)
     amp         autocast in --amp-dtype (bf16 by default)
     fusedadam   torch.optim.AdamW(fused=True) for the optimizer step (foreach=True: 'foreachadam')
     noopt       no optimizer step (forward + backward only)
-e.g. 'none', 'nhwc+compile', 'nhwc+fuse', 'none+cl+amp'. `--compare` runs several specs interleaved in one
+e.g. 'none', 'nhwc+compile', 'nhwc+fuse', 'nhwc_lka+fuse+freeze', 'none+cl+amp'. `--compare` runs several specs interleaved in one
 process (step i of every spec before step i+1 of any), so that the load of a shared machine hits all alike, and
 prints each median against the baseline (--baseline, default 'none': the reference's eager fp32 NCHW execution).
 
@@ -23,8 +25,11 @@ images/s (batch / median), first-step time (with compiled configs: minus the med
 MFU = model FLOPs per second / measured matmul peak (the peak is measured here: a square fp32 (or amp-dtype)
 matmul; model FLOPs counted by torch.utils.flop_counter, x3 for training), and memory: peak during one step and
 activation memory (peak minus the memory before the step). On CPU, memory is the process RSS (VmHWM after
-resetting it through /proc/self/clear_refs; glibc's mmap threshold is pinned so freed tensors leave RSS);
-on CUDA, torch.cuda.max_memory_allocated.
+resetting it through /proc/self/clear_refs, after all timed steps, with glibc's mmap threshold then pinned so
+that freed tensors leave RSS; `--malloc pinned` pins it from the start for exact activation memory, at the cost
+of slower steps); on CUDA, torch.cuda.max_memory_allocated. Times are taken with glibc's allocator as it is
+(`--malloc default`, the reference's situation) or with train.py's CPU policy (`--malloc retain`): pinning it
+for the timed steps made the NCHW baseline up to 1.5x slower and inflated every ratio.
 """
 import argparse
 import contextlib
@@ -44,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-_OPTIONS = ('compile', 'fuse', 'ckpt', 'cl', 'amp', 'fusedadam', 'foreachadam', 'noopt')
+_OPTIONS = ('compile', 'freeze', 'fuse', 'ckpt', 'cl', 'amp', 'fusedadam', 'foreachadam', 'noopt')
 
 
 def _import_models():
@@ -93,7 +98,9 @@ def pin_malloc_threshold():
     """Make glibc serve large blocks by mmap and return them on free, so that RSS follows live tensors."""
     libc = _libc()
     if libc:
-        M_MMAP_THRESHOLD = -3
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+        libc.mallopt(M_MMAP_MAX, 65536)  # glibc's default, undoing --malloc retain
+        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
         libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
 
 
@@ -243,12 +250,16 @@ class Runner:
             if self.amp and self.amp_dtype == torch.float16 and device.type == 'cuda':
                 self.scaler = torch.amp.GradScaler('cuda')
         self.fn = model
-        self.compile_requested = 'compile' in opts or args.compile
+        self.freeze = 'freeze' in opts and not train
+        self.compile_requested = 'compile' in opts or args.compile or self.freeze
         # modes that compile kernels on first use (see models/fast_ops.py)
         self.compiles = self.compile_requested or spec['fast_path'] in ('nhwc_lka', 'nhwc_compiled') or (
             spec['fast_path'] == 'auto' and hasattr(model, 'fast_path')
             and _resolve(spec['fast_path'], device) in ('nhwc_lka', 'nhwc_compiled'))
-        if self.compile_requested:
+        if self.freeze:
+            from models.fast_ops import compile_inference
+            self.fn = compile_inference(model, device.type)
+        elif self.compile_requested:
             self.fn = torch.compile(model)
         self.times: List[float] = []
         self.cpu_times: List[float] = []
@@ -296,7 +307,10 @@ class Runner:
 def run_benchmark(args) -> Dict[str, Any]:
     timm = _import_models()
     device = torch.device(args.device)
-    if device.type == 'cpu':
+    if device.type == 'cpu' and args.malloc == 'retain':
+        from vancls.device import tune_cpu_allocator
+        tune_cpu_allocator('retain')
+    elif device.type == 'cpu' and args.malloc == 'pinned':
         pin_malloc_threshold()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -319,10 +333,14 @@ def run_benchmark(args) -> Dict[str, Any]:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
 
-    results = []
+    # Timing of every mode first, with the allocator as users run it; then memory, for which glibc must hand
+    # freed blocks back (pin_malloc_threshold), which slows every later step by page faults (it cost the NCHW
+    # baseline 1.4x at van_b2 @224 batch-16 inference, more than the NHWC paths).
+    phases = []
     for mode in modes:
         train = mode == 'train'
         runners = [Runner(s, base_model, args, device, train) for s in specs]
+        phases.append((mode, runners))
         # Warm-up (cold compiles happen here), interleaved: the first step of each runner is timed on its own.
         for r in runners:
             r.first_step_s = r.timed_step(x, y)
@@ -334,12 +352,18 @@ def run_benchmark(args) -> Dict[str, Any]:
         for _ in range(args.steps):
             for r in runners:
                 r.times.append(r.timed_step(x, y))
-        if args.memory:
+    if args.memory:
+        if device.type == 'cpu':
+            pin_malloc_threshold()
+        for _, runners in phases:
             for r in runners:
                 meter = MemoryMeter(device)
                 with meter:
                     r.step(x, y)
                 r.memory = meter.result()
+    results = []
+    for mode, runners in phases:
+        train = mode == 'train'
         base = next((r for r in runners if r.name == baseline['name']), None)
         base_med = statistics.median(base.times) if base is not None else None
         base_cpu = statistics.median(base.cpu_times) if base is not None else None
@@ -447,6 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help='optimizer step in the train step (default: torch.optim.AdamW with its defaults)')
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--steps', type=int, default=10)
+    p.add_argument('--malloc', default='default', choices=('default', 'retain', 'pinned'),
+                   help="CPU allocator for the whole run. default: glibc's, as the reference runs (timing first, "
+                        "then memory with blocks returned on free: approximate, the heap is fragmented by then); "
+                        "retain: what train.py/validate.py use on CPU (vancls.device.tune_cpu_allocator); "
+                        "pinned: every block > 128 KiB mmapped and returned from the start: exact activation memory, "
+                        "slower steps (page faults), do not compare its times")
     p.add_argument('--no-memory', dest='memory', action='store_false', help='skip the memory measurement step')
     p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: leave as is)')
     p.add_argument('--seed', type=int, default=0)

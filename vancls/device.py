@@ -93,6 +93,11 @@ def setup_distributed(requested: str = 'auto', timeout_min: int = 30) -> DistEnv
         torch.cuda.set_device(device)
     elif device.type == 'npu':
         torch.npu.set_device(device)
+    else:
+        try:
+            tune_cpu_allocator()  # before the model and data allocate; see the section on the CPU allocator
+        except ValueError as e:
+            raise DeviceError(str(e)) from None
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend, init_method='env://', rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(minutes=timeout_min))
@@ -123,6 +128,42 @@ def peak_memory_mb(device: torch.device) -> float:
         return mod.max_memory_allocated(device) / 2 ** 20
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# --------------------------------------------------------------------------------------------- CPU allocator
+# PyTorch's CPU tensors come from plain malloc. glibc serves blocks above its mmap threshold (dynamic, at most
+# 32 MiB on 64-bit) with a fresh mmap and unmaps them on free, so each such tensor pays page faults and the
+# kernel's zeroing of every page, in every step. VAN's activations at 224 px are 25-200 MiB: on this project's
+# CPU this made van_b2 @224 batch-16 training steps 1.35-1.55x slower, for the reference and the fast paths
+# alike (docs/PERFORMANCE.md). 'retain' serves every block from the heap and keeps what is freed (what
+# jemalloc/tcmalloc do, without a preload): RSS stays near the peak of a step, which a training or evaluation
+# process reaches on every step anyway.
+CPU_MALLOC_CHOICES = ('retain', 'default')
+CPU_MALLOC_ENV = 'VANCLS_CPU_MALLOC'
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_INT_MAX = 2 ** 31 - 1
+
+
+def tune_cpu_allocator(policy: Optional[str] = None) -> bool:
+    """Apply the CPU allocator policy (argument, else $VANCLS_CPU_MALLOC, else 'retain'); True if glibc took it.
+
+    'default' leaves malloc alone. Only glibc is tuned (musl, macOS and others: returns False). Process-wide:
+    call it before the model allocates; forked DataLoader workers inherit it.
+    """
+    policy = policy or os.environ.get(CPU_MALLOC_ENV, '') or 'retain'
+    if policy not in CPU_MALLOC_CHOICES:
+        raise ValueError(f'{CPU_MALLOC_ENV}={policy!r}: accepted values are {", ".join(CPU_MALLOC_CHOICES)}')
+    if policy == 'default':
+        return False
+    try:
+        import ctypes
+        mallopt = ctypes.CDLL('libc.so.6').mallopt
+    except (OSError, AttributeError):
+        return False
+    # mallopt returns 1 on success. No mmap for large blocks; give the heap's top back to the system only beyond
+    # 2 GiB free (mallopt takes an int), and then keep 2 GiB of it.
+    return all(mallopt(opt, val) == 1 for opt, val in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX),
+                                                       (_M_TOP_PAD, _INT_MAX)))
 
 
 def all_reduce_sum(values: list, env: DistEnv) -> list:

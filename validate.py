@@ -49,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--channels-last', action='store_true')
     p.add_argument('--compile', action='store_true',
                    help='torch.compile the model (on CPU with Inductor freezing: weights as constants, see '
-                        'models/fast_ops.compile_inference); fastest CPU setting: --fast-path nhwc_lka --fuse --compile')
+                        'models/fast_ops.compile_inference); fastest on CPU: --fast-path nhwc_lka --fuse --compile')
     p.add_argument('--fuse', action='store_true', help='fold BatchNorm and layer scale (inference-only model)')
     p.add_argument('--fast-path', default='none')
     p.add_argument('--trust-checkpoint', action='store_true')

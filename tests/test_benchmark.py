@@ -54,6 +54,7 @@ def test_freeze_config_and_allocator_policy(tmp_path):
     assert data['args']['malloc'] == 'retain'
     assert frozen['activation_mem_mb'] is None or frozen['activation_mem_mb'] >= 0
 
+
 def test_bad_spec_is_a_clear_error():
     with pytest.raises(SystemExit, match='accepted values are'):
         benchmark.main(['--config', 'warp', '--steps', '1'])

@@ -192,9 +192,10 @@ print(applied, rss_mib() - before)
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc allocator policy (Linux)')
 def test_cpu_allocator_retain_keeps_freed_blocks():
     """'retain' (what setup_distributed applies on CPU): a freed 64 MiB tensor stays in the process, so the next
-    step does not fault its pages in again; 'default' leaves glibc unmapping it."""
+    step does not fault its pages in again; 'default' leaves glibc unmapping it, 'release' (benchmark.py's memory
+    measurement) too."""
     out = {}
-    for policy in ('retain', 'default'):
+    for policy in ('retain', 'default', 'release'):
         r = subprocess.run([sys.executable, '-c', _MALLOC_PROBE, policy], cwd=ROOT, env=cli_env(),
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
@@ -202,6 +203,7 @@ def test_cpu_allocator_retain_keeps_freed_blocks():
         out[policy] = (applied, int(kept))
     assert out['retain'][0] == 'True' and out['retain'][1] >= 60, out
     assert out['default'][0] == 'False' and out['default'][1] < 16, out
+    assert out['release'][0] == 'True' and out['release'][1] < 16, out
 
 
 def _bad_tree(tmp_path, digits_dir, kind):

@@ -15,9 +15,10 @@ options joined with '+':
     amp         autocast in --amp-dtype (bf16 by default)
     fusedadam   torch.optim.AdamW(fused=True) for the optimizer step (foreach=True: 'foreachadam')
     noopt       no optimizer step (forward + backward only)
-e.g. 'none', 'nhwc+compile', 'nhwc+fuse', 'nhwc_lka+fuse+freeze', 'none+cl+amp'. `--compare` runs several specs interleaved in one
-process (step i of every spec before step i+1 of any), so that the load of a shared machine hits all alike, and
-prints each median against the baseline (--baseline, default 'none': the reference's eager fp32 NCHW execution).
+e.g. 'none', 'nhwc+compile', 'nhwc+fuse', 'nhwc_lka+fuse+freeze', 'none+cl+amp'. `--compare` runs several
+specs interleaved in one process (step i of every spec before step i+1 of any), so that the load of a shared
+machine hits all alike, and prints each median against the baseline (--baseline, default 'none': the
+reference's eager fp32 NCHW execution).
 
 A train step is forward + cross-entropy + backward + optimizer step (AdamW unless 'noopt'); an inference step
 is a forward in inference mode. After --warmup steps, --steps timed steps; reported: median step time,
@@ -26,10 +27,10 @@ MFU = model FLOPs per second / measured matmul peak (the peak is measured here: 
 matmul; model FLOPs counted by torch.utils.flop_counter, x3 for training), and memory: peak during one step and
 activation memory (peak minus the memory before the step). On CPU, memory is the process RSS (VmHWM after
 resetting it through /proc/self/clear_refs, after all timed steps, with glibc's mmap threshold then pinned so
-that freed tensors leave RSS; `--malloc pinned` pins it from the start for exact activation memory, at the cost
-of slower steps); on CUDA, torch.cuda.max_memory_allocated. Times are taken with glibc's allocator as it is
+that freed tensors leave RSS; `--malloc release` does that from the start for exact activation memory, at the
+cost of slower steps); on CUDA, torch.cuda.max_memory_allocated. Times are taken with glibc's allocator as it is
 (`--malloc default`, the reference's situation) or with train.py's CPU policy (`--malloc retain`): pinning it
-for the timed steps made the NCHW baseline up to 1.5x slower and inflated every ratio.
+for the timed steps made the NCHW baseline 1.4x slower and inflated every ratio.
 """
 import argparse
 import contextlib
@@ -48,6 +49,8 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .device import CPU_MALLOC_CHOICES, tune_cpu_allocator
 
 _OPTIONS = ('compile', 'freeze', 'fuse', 'ckpt', 'cl', 'amp', 'fusedadam', 'foreachadam', 'noopt')
 
@@ -92,16 +95,6 @@ def _libc():
         except OSError:
             _LIBC = False
     return _LIBC
-
-
-def pin_malloc_threshold():
-    """Make glibc serve large blocks by mmap and return them on free, so that RSS follows live tensors."""
-    libc = _libc()
-    if libc:
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
-        libc.mallopt(M_MMAP_MAX, 65536)  # glibc's default, undoing --malloc retain
-        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
-        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
 
 
 def _proc_status(field: str) -> Optional[int]:
@@ -307,11 +300,8 @@ class Runner:
 def run_benchmark(args) -> Dict[str, Any]:
     timm = _import_models()
     device = torch.device(args.device)
-    if device.type == 'cpu' and args.malloc == 'retain':
-        from vancls.device import tune_cpu_allocator
-        tune_cpu_allocator('retain')
-    elif device.type == 'cpu' and args.malloc == 'pinned':
-        pin_malloc_threshold()
+    if device.type == 'cpu' and args.malloc != 'default':
+        tune_cpu_allocator(args.malloc)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -354,7 +344,7 @@ def run_benchmark(args) -> Dict[str, Any]:
                 r.times.append(r.timed_step(x, y))
     if args.memory:
         if device.type == 'cpu':
-            pin_malloc_threshold()
+            tune_cpu_allocator('release')
         for _, runners in phases:
             for r in runners:
                 meter = MemoryMeter(device)
@@ -471,12 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help='optimizer step in the train step (default: torch.optim.AdamW with its defaults)')
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--steps', type=int, default=10)
-    p.add_argument('--malloc', default='default', choices=('default', 'retain', 'pinned'),
-                   help="CPU allocator for the whole run. default: glibc's, as the reference runs (timing first, "
-                        "then memory with blocks returned on free: approximate, the heap is fragmented by then); "
-                        "retain: what train.py/validate.py use on CPU (vancls.device.tune_cpu_allocator); "
-                        "pinned: every block > 128 KiB mmapped and returned from the start: exact activation memory, "
-                        "slower steps (page faults), do not compare its times")
+    p.add_argument('--malloc', default='default', choices=CPU_MALLOC_CHOICES,
+                   help="CPU allocator policy for the whole run (vancls.device.tune_cpu_allocator). default: glibc's, "
+                        "as the reference runs (timing first, then memory with 'release' switched on: approximate, "
+                        "the heap is fragmented by then); retain: what train.py/validate.py use on CPU; release: "
+                        "blocks > 128 KiB returned on free from the start: exact activation memory, slower steps "
+                        "(page faults), do not compare its times")
     p.add_argument('--no-memory', dest='memory', action='store_false', help='skip the memory measurement step')
     p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: leave as is)')
     p.add_argument('--seed', type=int, default=0)

@@ -138,32 +138,41 @@ def peak_memory_mb(device: torch.device) -> float:
 # alike (docs/PERFORMANCE.md). 'retain' serves every block from the heap and keeps what is freed (what
 # jemalloc/tcmalloc do, without a preload): RSS stays near the peak of a step, which a training or evaluation
 # process reaches on every step anyway.
-CPU_MALLOC_CHOICES = ('retain', 'default')
 CPU_MALLOC_ENV = 'VANCLS_CPU_MALLOC'
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4  # glibc's mallopt() options
 _INT_MAX = 2 ** 31 - 1
+_GLIBC_DEFAULT_MMAP_MAX, _128K = 65536, 128 * 1024
+CPU_MALLOC_POLICIES = {
+    # no mmap for large blocks; give the heap's top back only beyond 2 GiB free (mallopt takes an int), then
+    # keep 2 GiB of it
+    'retain': ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX), (_M_TOP_PAD, _INT_MAX)),
+    'default': (),  # glibc as it is
+    # every block above 128 KiB mmapped and unmapped on free: RSS follows live tensors (lowest memory, slowest
+    # steps; benchmark.py uses it to measure activation memory)
+    'release': ((_M_MMAP_MAX, _GLIBC_DEFAULT_MMAP_MAX), (_M_TRIM_THRESHOLD, _128K), (_M_TOP_PAD, _128K),
+                (_M_MMAP_THRESHOLD, _128K)),
+}
+CPU_MALLOC_CHOICES = tuple(CPU_MALLOC_POLICIES)
 
 
 def tune_cpu_allocator(policy: Optional[str] = None) -> bool:
-    """Apply the CPU allocator policy (argument, else $VANCLS_CPU_MALLOC, else 'retain'); True if glibc took it.
+    """Apply a CPU allocator policy (argument, else $VANCLS_CPU_MALLOC, else 'retain'); True if glibc took it.
 
     'default' leaves malloc alone. Only glibc is tuned (musl, macOS and others: returns False). Process-wide:
     call it before the model allocates; forked DataLoader workers inherit it.
     """
     policy = policy or os.environ.get(CPU_MALLOC_ENV, '') or 'retain'
-    if policy not in CPU_MALLOC_CHOICES:
+    if policy not in CPU_MALLOC_POLICIES:
         raise ValueError(f'{CPU_MALLOC_ENV}={policy!r}: accepted values are {", ".join(CPU_MALLOC_CHOICES)}')
-    if policy == 'default':
+    settings = CPU_MALLOC_POLICIES[policy]
+    if not settings:
         return False
     try:
         import ctypes
         mallopt = ctypes.CDLL('libc.so.6').mallopt
     except (OSError, AttributeError):
         return False
-    # mallopt returns 1 on success. No mmap for large blocks; give the heap's top back to the system only beyond
-    # 2 GiB free (mallopt takes an int), and then keep 2 GiB of it.
-    return all(mallopt(opt, val) == 1 for opt, val in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX),
-                                                       (_M_TOP_PAD, _INT_MAX)))
+    return all(mallopt(opt, val) == 1 for opt, val in settings)  # mallopt returns 1 on success
 
 
 def all_reduce_sum(values: list, env: DistEnv) -> list:

@@ -142,7 +142,6 @@ def main(args):
             raise UsageError(f'--fast-path: {e}') from None
     if not args.no_fuse and hasattr(model, 'fuse'):
         model = model.fuse()
-    model.eval()
     if args.compile:
         model = compile_inference(model, device.type)
     transform = build_transform(args, data_config, is_training=False, use_prefetcher=False)

@@ -35,7 +35,6 @@ for the timed steps made the NCHW baseline 1.4x slower and inflated every ratio.
 import argparse
 import contextlib
 import copy
-import ctypes
 import datetime
 import gc
 import json
@@ -50,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .device import CPU_MALLOC_CHOICES, tune_cpu_allocator
+from .device import CPU_MALLOC_CHOICES, libc as _libc, tune_cpu_allocator
 
 _OPTIONS = ('compile', 'freeze', 'fuse', 'ckpt', 'cl', 'amp', 'fusedadam', 'foreachadam', 'noopt')
 
@@ -83,18 +82,6 @@ def parse_spec(spec: str) -> Dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Memory
-
-_LIBC = None
-
-
-def _libc():
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL('libc.so.6')
-        except OSError:
-            _LIBC = False
-    return _LIBC
 
 
 def _proc_status(field: str) -> Optional[int]:

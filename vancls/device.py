@@ -165,14 +165,25 @@ def tune_cpu_allocator(policy: Optional[str] = None) -> bool:
     if policy not in CPU_MALLOC_POLICIES:
         raise ValueError(f'{CPU_MALLOC_ENV}={policy!r}: accepted values are {", ".join(CPU_MALLOC_CHOICES)}')
     settings = CPU_MALLOC_POLICIES[policy]
-    if not settings:
+    c = libc()
+    if not settings or not c or not hasattr(c, 'mallopt'):
         return False
-    try:
-        import ctypes
-        mallopt = ctypes.CDLL('libc.so.6').mallopt
-    except (OSError, AttributeError):
-        return False
-    return all(mallopt(opt, val) == 1 for opt, val in settings)  # mallopt returns 1 on success
+    return all(c.mallopt(opt, val) == 1 for opt, val in settings)  # mallopt returns 1 on success
+
+
+_LIBC = None
+
+
+def libc():
+    """glibc through ctypes (cached), or None where there is none (musl, macOS, Windows)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            _LIBC = ctypes.CDLL('libc.so.6')
+        except OSError:
+            _LIBC = False
+    return _LIBC or None
 
 
 def all_reduce_sum(values: list, env: DistEnv) -> list:

@@ -1,9 +1,12 @@
 """The data layer: digits tree, resumable sharded sampler, deterministic per-sample augmentation, synthetic data."""
 import os
+import random
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+import torch.utils.data as tud
 
 from vancls.data import (DataError, ImageFolderDataset, ResumableSampler, SyntheticDataset, build_transform,
                          load_class_map, sample_seed, scan_image_folder)
@@ -56,6 +59,64 @@ def test_augmentation_depends_only_on_seed_epoch_index(digits_dir):
     ds.set_epoch(1)
     assert not torch.equal(ds[17][0], first)
     assert sample_seed(1, 0, 17) != sample_seed(1, 1, 17) != sample_seed(2, 0, 17)
+
+
+def _recipe_dataset(digits_dir, seed=1):
+    """The reference recipe's training transform (RandAugment, random interpolation, flip, pixel erasing)."""
+    cfg = dict(input_size=(3, 32, 32), interpolation='bicubic', mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.9)
+    tf = build_transform(_train_args(), cfg, is_training=True, use_prefetcher=False)
+    return ImageFolderDataset(os.path.join(digits_dir, 'train'), tf, seed=seed)
+
+
+def _global_states():
+    return random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+
+
+def _assert_same_states(a, b):
+    assert a[0] == b[0] and np.array_equal(a[1], b[1]) and torch.equal(a[2], b[2])
+
+
+@pytest.mark.parametrize('stream', ['python', 'numpy', 'torch'])
+def test_augmentation_ignores_each_global_stream(digits_dir, stream):
+    """The recipe draws from python's random, numpy's and torch's CPU generator: each one is reseeded."""
+    ds = _recipe_dataset(digits_dir)
+    seed_fn = {'python': random.seed, 'numpy': np.random.seed, 'torch': torch.manual_seed}[stream]
+    indices = range(10)
+    seed_fn(123)
+    first = [ds[i][0] for i in indices]
+    seed_fn(456)
+    assert all(torch.equal(ds[i][0], x) for i, x in zip(indices, first))
+
+
+def test_main_process_loading_leaves_rng_and_accelerator_seeding_alone(digits_dir, monkeypatch):
+    """workers=0: the training process's streams (mixup, drop path) are as before a batch and as before a single
+    __getitem__, and no per-sample torch.manual_seed (it would seed, or queue seeding of, CUDA/XPU/MTIA)."""
+    def no_seed(*args, **kwargs):
+        raise AssertionError('the dataset must seed the CPU generator only')
+    for mod, name in [(torch, 'manual_seed'), (torch.random, 'manual_seed'), (torch.cuda, 'manual_seed_all'),
+                      (torch.cuda, 'manual_seed')]:
+        monkeypatch.setattr(mod, name, no_seed)
+    ds = _recipe_dataset(digits_dir)
+    random.seed(5)
+    np.random.seed(5)
+    torch.default_generator.manual_seed(5)
+    before = _global_states()
+    ds[3]
+    _assert_same_states(_global_states(), before)
+    loader = tud.DataLoader(ds, batch_size=4, sampler=[9, 2, 7, 4, 0, 3], num_workers=0,
+                            generator=torch.Generator().manual_seed(0))
+    batches = list(loader)
+    _assert_same_states(_global_states(), before)
+    # The per-batch path gives the same samples as one-by-one access: augmentation does not depend on batching.
+    assert torch.equal(batches[0][0], torch.stack([ds[i][0] for i in (9, 2, 7, 4)]))
+    assert torch.equal(batches[1][0], torch.stack([ds[i][0] for i in (0, 3)]))
+
+
+def test_worker_and_main_process_augment_alike(digits_dir):
+    ds = _recipe_dataset(digits_dir)
+    got = [torch.cat([x for x, _ in tud.DataLoader(ds, batch_size=3, sampler=[5, 1, 8, 6, 2], num_workers=w)])
+           for w in (0, 1)]
+    assert torch.equal(got[0], got[1])
 
 
 def test_synthetic_is_deterministic():

@@ -6,6 +6,7 @@ augmentation randomness that depends only on (seed, epoch, sample index), not on
 timm's loader builds its own sampler and seeds workers per epoch. The transforms, collate, device-side
 normalization (PrefetchLoader) and mixup are timm's.
 """
+import contextlib
 import logging
 import math
 import multiprocessing as mp
@@ -85,12 +86,40 @@ def open_rgb(path: str) -> Image.Image:
         img = Image.fromarray(np.asarray(img).clip(0, 255).astype(np.uint8), mode='L')
     elif img.mode == 'P':
         img = img.convert('RGBA')
-    return img.convert('RGB')
+    return img if img.mode == 'RGB' else img.convert('RGB')  # convert() to the same mode would copy
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """Augmentation seed of one sample in one epoch: independent of workers, batch order and resume point."""
     return (seed * 1_000_003 + epoch * 7_919 + index * 104_729) % (2 ** 31 - 1)
+
+
+def reseed_global_streams(seed: int):
+    """Seed the three streams that the training transforms draw from, CPU only.
+
+    The reference recipe draws from all three: RandomResizedCropAndInterpolation, RandAugment's ops and
+    RandomErasing from python's `random`; RandAugment's op choice from numpy's global RandomState; the
+    horizontal flip (torchvision), RandomErasing's 'pixel' noise and ColorJitter (without RandAugment) from
+    torch's default CPU generator. Not `torch.manual_seed`: it also seeds every accelerator's generators (while
+    CUDA is not initialized it queues the call with a formatted stack trace, a large share of a sample's time),
+    and in the training process it would reset an initialized GPU's generator. The transforms run on the CPU,
+    and seeding the default CPU generator alone gives them the same numbers.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def preserved_global_streams():
+    """Restore python's, numpy's and torch's CPU RNG states on exit (the streams reseed_global_streams uses)."""
+    states = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.default_generator.set_state(states[2])
 
 
 class ImageFolderDataset(tud.Dataset):
@@ -121,13 +150,8 @@ class ImageFolderDataset(tud.Dataset):
         flags = np.frombuffer(self._bad, dtype=np.int8)
         return [self.samples[i][0] for i in np.flatnonzero(flags)]
 
-    def _reseed(self, index: int):
-        s = sample_seed(self.seed, self.epoch, index)
-        random.seed(s)
-        np.random.seed(s)
-        torch.manual_seed(s)
-
-    def __getitem__(self, index: int):
+    def _load(self, index: int):
+        """(image, target) of sample `index`; the global RNG streams are reseeded for it (see __getitems__)."""
         for attempt in range(len(self.samples)):
             i = (index + attempt) % len(self.samples)
             path, target = self.samples[i]
@@ -139,18 +163,28 @@ class ImageFolderDataset(tud.Dataset):
                     _logger.warning(f'bad image skipped: {path} ({type(e).__name__}: {e})')
                 continue
             if self.transform is not None:
-                if tud.get_worker_info() is not None:
-                    self._reseed(index)  # a loader worker's own RNG: reseed freely
-                    img = self.transform(img)
-                else:  # in the training process: keep its RNG streams (mixup, drop path) untouched
-                    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-                    self._reseed(index)
-                    img = self.transform(img)
-                    random.setstate(states[0])
-                    np.random.set_state(states[1])
-                    torch.set_rng_state(states[2])
+                reseed_global_streams(sample_seed(self.seed, self.epoch, index))
+                img = self.transform(img)
             return img, target
         raise DataError(f'{self.root}: no readable image in the whole data set')
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        """A batch of samples: the DataLoader calls this once per batch (torch's map-style fetcher).
+
+        In a loader worker the process's RNG streams belong to the dataset, so they are just reseeded per sample.
+        In the training process (workers=0) they also drive mixup (numpy), drop path (torch) and the loader's own
+        draws, which must not depend on the augmentation: their states are saved once per batch and restored
+        after it, so the per-sample cost is only the reseeding. (Swapping the streams for private generators is
+        not possible: timm's and torchvision's transforms call the module-level `random.*`, `np.random.*` and
+        `torch.rand*` functions, which are bound to the global objects.)
+        """
+        if self.transform is None or tud.get_worker_info() is not None:
+            return [self._load(i) for i in indices]
+        with preserved_global_streams():
+            return [self._load(i) for i in indices]
+
+    def __getitem__(self, index: int):
+        return self.__getitems__([index])[0]
 
 
 class SyntheticDataset(tud.Dataset):

@@ -17,7 +17,6 @@ safetensors:  the (unfused) weights under the official key names, plus metadata:
               timm.create_model(NAME, pretrained=True, num_classes=N, pretrained_cfg_overlay=dict(file=PATH))
               (after `import models`), which the export checks (identical logits).
 """
-import argparse
 import json
 import os
 import sys
@@ -25,8 +24,8 @@ import warnings
 
 import torch
 
-from predict import load_trained_model
-from vancls.config import UsageError, parse_with_config, run_cli
+from vancls.builders import load_trained_model
+from vancls.config import UsageError, add_options, new_parser, run_cli
 
 FORMATS = ('onnx', 'safetensors', 'torchscript')
 
@@ -35,20 +34,13 @@ class ExportCheckError(RuntimeError):
     """The exported model does not compute what the PyTorch model computes."""
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description='VAN export', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file of option dest names -> values')
-    p.add_argument('--model', default='', help='default: the checkpoint\'s model')
-    p.add_argument('--checkpoint', default='', help='our .pth.tar or an official .pth.tar')
-    p.add_argument('--pretrained', action='store_true', help='the official ImageNet weights (no --checkpoint)')
-    p.add_argument('--use-ema', action='store_true', help='export the EMA weights of the checkpoint')
+def get_args_parser():
+    p = new_parser('VAN export')
+    add_options(p, 'model', 'checkpoint', 'input')
     p.add_argument('--format', required=True, choices=FORMATS)
     p.add_argument('--output', required=True, metavar='FILE')
-    p.add_argument('--img-size', type=int, default=None, help='default: the training size saved in the checkpoint')
-    p.add_argument('--input-size', type=int, nargs=3, default=None, metavar='N')
     p.add_argument('--opset', type=int, default=17, help='ONNX opset')
     p.add_argument('--tolerance', type=float, default=1e-4, help='max |logit diff| allowed by the check')
-    p.add_argument('--trust-checkpoint', action='store_true')
     return p
 
 
@@ -180,4 +172,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    sys.exit(run_cli(main, parse_with_config(get_args_parser())))
+    sys.exit(run_cli(main, get_args_parser))

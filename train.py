@@ -8,56 +8,39 @@
 Defaults are the reference's ImageNet recipe (AdamW lr 1e-3, wd 0.05, 300 epochs + 10 cooldown, cosine,
 5 warm-up epochs, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8, cutmix 1.0, smoothing 0.1).
 """
-import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 
 from vancls import builders
-from vancls.checkpoint import (CheckpointManager, check_writable, find_auto_resume, load_model_weights,
-                               load_state_dict_checked,
-                               remove_stale_temporaries, plain, resume_position, rng_state, set_rng_state)
-from vancls.config import UsageError, run_cli
+from vancls.checkpoint import (CHECKPOINT_VERSION, CheckpointManager, check_writable, find_auto_resume,
+                               load_model_weights, load_state_dict_checked, model_state_dict, plain,
+                               remove_stale_temporaries, resume_position, rng_state, set_rng_state)
+from vancls.config import UsageError, add_options, new_parser, run_cli
 from vancls.data import build_datasets, build_loader, resolve_data_dir
-from vancls.device import Amp, DEVICE_CHOICES, cleanup_distributed, peak_memory_mb, setup_distributed
-from vancls.engine import EpochState, evaluate, train_one_epoch
+from vancls.device import Amp, cleanup_distributed, default_workers, peak_memory_mb, setup_distributed
+from vancls.engine import EpochState, TrainLoop, evaluate, train_one_epoch
 from vancls.reports import RunReport, save_args, setup_logging, write_json
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description='VAN training', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file of option dest names -> values')
+
+def get_args_parser():
+    p = new_parser('VAN training')
     p.add_argument('data_dir', nargs='?', default=None, metavar='DATA_DIR',
                    help='ImageFolder root with train/ and val/ (or validation/); default: digits under data/digits')
+    add_options(p, 'model', 'input', 'loader', 'speed', 'device')
     g = p.add_argument_group('data')
-    g.add_argument('--dataset', default='folder', help='folder (ImageFolder tree) or synthetic (random tensors)')
     g.add_argument('--train-split', default='train')
     g.add_argument('--val-split', default='val', help='falls back to val/ or validation/')
-    g.add_argument('--class-map', default='', help='text file: one class folder name per line, in index order')
-    g.add_argument('--img-size', type=int, default=None, help='input image size (default: the model\'s, 224)')
-    g.add_argument('--input-size', type=int, nargs=3, default=None, metavar='N', help='C H W, overrides --img-size')
-    g.add_argument('--in-chans', type=int, default=None)
-    g.add_argument('--crop-pct', type=float, default=None)
-    g.add_argument('--mean', type=float, nargs='+', default=None)
-    g.add_argument('--std', type=float, nargs='+', default=None)
-    g.add_argument('--interpolation', default='', help='eval resize interpolation (default: the model\'s, bicubic)')
-    g.add_argument('-b', '--batch-size', type=int, default=128, help='per device')
     g.add_argument('-vb', '--validation-batch-size', type=int, default=None)
-    g.add_argument('-j', '--workers', type=int, default=8, help='data loader processes per device')
-    g.add_argument('--pin-mem', action='store_true')
-    g = p.add_argument_group('model')
-    g.add_argument('--model', default='van_b0', help='van_b0..van_b6, van_tiny/small/base/large')
-    g.add_argument('--pretrained', action='store_true', help='start from the official ImageNet weights')
-    g.add_argument('--pretrained-path', default='', help='local file of the official weights (offline)')
+    g = p.add_argument_group('model (training)')
     g.add_argument('--initial-checkpoint', default='', help='start from these weights (head dropped if classes differ)')
-    g.add_argument('--num-classes', type=int, default=None, help='default: the number of class folders')
     g.add_argument('--drop', type=float, default=0.0, help='MLP dropout (drop_rate)')
     g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
-    g.add_argument('--fast-path', default='none', help='execution mode of the model\'s ops (see benchmark.py)')
     g.add_argument('--grad-checkpointing', action='store_true', help='recompute activations per block')
-    g.add_argument('--trust-checkpoint', action='store_true',
-                   help='allow checkpoints that need full unpickling (can run code: only for files you trust)')
     g = p.add_argument_group('optimizer')
     g.add_argument('--opt', default='adamw', help='any timm optimizer name')
     g.add_argument('--opt-eps', type=float, default=None)
@@ -109,16 +92,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--model-ema-decay', type=float, default=0.99996)
     g.add_argument('--model-ema-force-cpu', action='store_true')
     g = p.add_argument_group('misc')
-    g.add_argument('--seed', type=int, default=42)
     g.add_argument('--log-interval', type=int, default=50)
     g.add_argument('--recovery-interval', type=int, default=0, help='save recovery.pth.tar every N optimizer steps')
     g.add_argument('--checkpoint-hist', type=int, default=10)
-    g.add_argument('--device', default='auto', choices=DEVICE_CHOICES)
-    g.add_argument('--amp', action='store_true', help='mixed precision (float16 + GradScaler on cuda/npu, bf16 on cpu)')
-    g.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'))
-    g.add_argument('--amp-impl', default='native', choices=('native', 'apex'))
-    g.add_argument('--channels-last', action='store_true')
-    g.add_argument('--compile', action='store_true', help='torch.compile the model')
     g.add_argument('--grad-accum-steps', type=int, default=1)
     g.add_argument('--output', default='./output')
     g.add_argument('--experiment', default='')
@@ -133,6 +109,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args):
+    args.model = args.model or 'van_b0'
     builders.check_model_name(args.model)
     builders.check_optimizer_name(args.opt)
     if args.batch_size < 1 or args.grad_accum_steps < 1:
@@ -162,36 +139,76 @@ def ranks_in_sync(model, env) -> bool:
     return all(torch.equal(gathered[0], g) for g in gathered[1:])
 
 
+@dataclass
+class Run:
+    """One training run: what setup() builds and the position that resume() and the epoch loop advance."""
+    args: Any
+    env: Any
+    out_dir: str
+    logger: Any
+    amp: Amp
+    train_ds: Any
+    val_ds: Any
+    class_names: list
+    model: torch.nn.Module  # unwrapped: what is saved and evaluated
+    loop: TrainLoop  # its model is the wrapped one (torch.compile, DDP)
+    train_sampler: Any
+    eval_loader: Any
+    ckpt_mgr: Optional[CheckpointManager]
+    start_epoch: int = 0
+    start_step: int = 0
+    num_updates: int = 0
+    epoch_state: Optional[EpochState] = None
+    resume_rng: Optional[dict] = None
+    report: Optional[RunReport] = None
+    totals: dict = field(default_factory=lambda: {'images': 0, 'seconds': 0.})
+    train_metrics: dict = field(default_factory=dict)
+    eval_metrics: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    def checkpoint(self, epoch: int, step_in_epoch: int, metric: Optional[float] = None,
+                   epoch_state: Optional[EpochState] = None) -> dict:
+        """The training state as a checkpoint dict (the layout is documented in vancls/checkpoint.py)."""
+        loop = self.loop
+        return {
+            'epoch': epoch, 'step_in_epoch': step_in_epoch, 'num_updates': self.num_updates, 'arch': self.args.model,
+            'state_dict': self.model.state_dict(), 'optimizer': loop.optimizer.state_dict(),
+            'scaler': self.amp.state_dict(), 'scheduler': loop.lr_scheduler.state_dict(),
+            'state_dict_ema': loop.model_ema.module.state_dict() if loop.model_ema is not None else None,
+            'metric': metric, 'args': plain(vars(self.args)), 'class_names': list(self.class_names),
+            'num_classes': self.num_classes, 'rng': rng_state(self.env.device), 'version': CHECKPOINT_VERSION,
+            'meters': epoch_state.state_dict() if epoch_state is not None else None,
+        }
+
+
 def main(args):
     check_args(args)
     env = setup_distributed(args.device)
     try:
-        return _train(args, env)
+        run = setup(args, env)
+        resume(run)
+        announce(run)
+        train_epochs(run)
+        return finish(run)
     finally:
         cleanup_distributed()
 
 
-def _train(args, env):
-    from models.timm_compat import create_scheduler as create_scheduler_v2  # timm 0.4.12 .. 1.x
-    from timm.utils import ModelEmaV2, distribute_bn, random_seed
-
-    args.data_dir = resolve_data_dir(args.data_dir) if args.dataset != 'synthetic' else args.data_dir
+def setup_output(args, env):
+    """(output folder, logger): the folder is checked writable and cleaned of a killed save's temporaries."""
     exp_name = args.experiment or f'{time.strftime("%Y%m%d-%H%M%S")}-{args.model}'
     out_dir = os.path.join(args.output, exp_name)
     if env.is_main:
         check_writable(out_dir)
         remove_stale_temporaries(out_dir)
-    logger = setup_logging(os.path.join(out_dir, 'train.log') if env.is_main else None, env.is_main)
-    random_seed(args.seed, env.rank)  # python, numpy and torch: mixup draws from numpy, drop path from torch
+    return out_dir, setup_logging(os.path.join(out_dir, 'train.log') if env.is_main else None, env.is_main)
 
-    amp = Amp(env.device, enabled=args.amp, dtype=args.amp_dtype, impl=args.amp_impl)
-    use_prefetcher = env.device.type != 'cpu' and args.dataset != 'synthetic'
-    data_config = builders.resolve_data_config(args)  # command line first, then the model's pretrained_cfg
-    train_ds, val_ds, class_names = build_datasets(args, data_config, use_prefetcher)
-    num_classes = args.num_classes or len(class_names)
-    if args.num_classes and args.dataset != 'synthetic' and args.num_classes < len(class_names):
-        raise UsageError(f'--num-classes {args.num_classes} is smaller than the {len(class_names)} class folders')
 
+def build_model(args, env, num_classes: int):
+    """(model, wrapped model): weights, checkpointing, SyncBN, device, layout, fast path, compile and DDP."""
     model = builders.create_model(args, num_classes, pretrained=args.pretrained)
     if args.initial_checkpoint:
         load_model_weights(model, args.initial_checkpoint, trust=args.trust_checkpoint, drop_head='auto')
@@ -204,162 +221,205 @@ def _train(args, env):
     model.to(env.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    if args.fast_path != 'none' and hasattr(model, 'set_fast_path'):
-        model.set_fast_path(args.fast_path)
+    builders.set_fast_path(model, args.fast_path)
+    return model
 
+
+def wrap_model(model, args, env):
+    """torch.compile, then DDP: the module that trains (the unwrapped one is saved and evaluated)."""
+    wrapped = torch.compile(model) if args.compile else model
+    if env.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [env.device.index] if env.device.type in ('cuda', 'npu') else None
+        wrapped = DDP(wrapped, device_ids=ids)
+    return wrapped
+
+
+def setup(args, env) -> Run:
+    """Build everything a run needs: output folder, data, model, optimizer, schedule, EMA, loaders."""
+    from models.timm_compat import create_scheduler  # timm 0.4.12 .. 1.x
+    from timm.utils import ModelEmaV2, random_seed
+
+    args.data_dir = resolve_data_dir(args.data_dir) if args.dataset != 'synthetic' else args.data_dir
+    out_dir, logger = setup_output(args, env)
+    random_seed(args.seed, env.rank)  # python, numpy and torch: mixup draws from numpy, drop path from torch
+    amp = Amp(env.device, enabled=args.amp, dtype=args.amp_dtype, impl=args.amp_impl)
+    use_prefetcher = env.device.type != 'cpu' and args.dataset != 'synthetic'
+    data_config = builders.resolve_data_config(args)  # command line first, then the model's pretrained_cfg
+    train_ds, val_ds, class_names = build_datasets(args, data_config, use_prefetcher)
+    if args.num_classes and args.dataset != 'synthetic' and args.num_classes < len(class_names):
+        raise UsageError(f'--num-classes {args.num_classes} is smaller than the {len(class_names)} class folders')
+    model = build_model(args, env, args.num_classes or len(class_names))
     optimizer = builders.create_optimizer(args, model, env.device)
     model, optimizer = amp.attach_apex(model, optimizer)
-    mixup_fn = builders.create_mixup(args, num_classes)
-    train_loss_fn = builders.create_train_loss(args, mixup_fn is not None).to(env.device)
-    model_ema = ModelEmaV2(model, decay=args.model_ema_decay,
-                           device='cpu' if args.model_ema_force_cpu else None) if args.model_ema else None
-
-    epochs_total = num_total_epochs(args)
-    lr_scheduler, _ = create_scheduler_v2(
+    mixup_fn = builders.create_mixup(args, model.num_classes)
+    lr_scheduler, _ = create_scheduler(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
         cooldown_epochs=0, decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
         warmup_epochs=args.warmup_epochs, step_on_epochs=True)
 
-    # Resume: weights, optimizer, scaler, scheduler, EMA, position in the epoch, and the RNG states.
-    ckpt_mgr = CheckpointManager(out_dir, max_history=args.checkpoint_hist,
-                                 decreasing=args.eval_metric == 'loss') if env.is_main else None
-    start_epoch, start_step, resume_ckpt = args.start_epoch or 0, 0, None
-    resume_path = find_auto_resume(out_dir, args.trust_checkpoint) if args.resume == 'auto' else args.resume
-    if resume_path:
-        resume_ckpt = load_model_weights(model, resume_path, trust=args.trust_checkpoint)
-        if not args.no_resume_opt:
-            optimizer.load_state_dict(resume_ckpt['optimizer'])
-            amp.load_state_dict(resume_ckpt.get('scaler') or {})
-            if resume_ckpt.get('scheduler'):
-                lr_scheduler.load_state_dict(resume_ckpt['scheduler'])
-            start_epoch, start_step = resume_position(resume_ckpt)
-        if model_ema is not None and isinstance(resume_ckpt.get('state_dict_ema'), dict):
-            load_state_dict_checked(model_ema.module, resume_ckpt['state_dict_ema'], source=f'{resume_path} (EMA)')
-        if ckpt_mgr is not None:
-            ckpt_mgr.best_metric, ckpt_mgr.best_epoch = resume_ckpt.get('best_metric'), resume_ckpt.get('best_epoch')
-        logger.info(f'Resumed from {resume_path}: epoch {start_epoch}, step {start_step}')
-
-    train_model = model
-    if args.compile:
-        train_model = torch.compile(model)
-    if env.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ids = [env.device.index] if env.device.type in ('cuda', 'npu') else None
-        train_model = DDP(train_model, device_ids=ids)
-
-    re_args = (args.reprob, args.remode, args.recount)
-    train_loader, train_sampler = build_loader(
-        train_ds, args.batch_size, env, is_training=True, workers=args.workers, seed=args.seed,
-        use_prefetcher=use_prefetcher, data_config=data_config, pin_memory=args.pin_mem, re_args=re_args)
-    eval_loader, _ = build_loader(
-        val_ds, args.validation_batch_size or args.batch_size, env, is_training=False, workers=args.workers,
-        seed=args.seed, use_prefetcher=use_prefetcher, data_config=data_config, pin_memory=args.pin_mem)
+    workers = default_workers() if args.workers is None else args.workers
+    loader_args = dict(workers=workers, seed=args.seed, use_prefetcher=use_prefetcher, data_config=data_config,
+                       pin_memory=args.pin_mem)
+    train_loader, train_sampler = build_loader(train_ds, args.batch_size, env, is_training=True,
+                                               re_args=(args.reprob, args.remode, args.recount), **loader_args)
+    eval_loader, _ = build_loader(val_ds, args.validation_batch_size or args.batch_size, env, is_training=False,
+                                  **loader_args)
     steps_per_epoch = (len(train_sampler) // args.batch_size) // args.grad_accum_steps
     if steps_per_epoch < 1:
         raise UsageError(f'{len(train_ds)} training images give no full batch of {args.batch_size} per device '
                          f'x {env.world_size} devices: lower --batch-size')
-    if args.max_steps:
-        steps_per_epoch = min(steps_per_epoch, args.max_steps)
+    loop = TrainLoop(
+        model=wrap_model(model, args, env), loader=train_loader, optimizer=optimizer,
+        loss_fn=builders.create_train_loss(args, mixup_fn is not None).to(env.device), amp=amp, env=env,
+        steps_per_epoch=min(steps_per_epoch, args.max_steps or steps_per_epoch), lr_scheduler=lr_scheduler,
+        model_ema=ModelEmaV2(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
+        if args.model_ema else None,
+        mixup_fn=mixup_fn, grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad,
+        clip_mode=args.clip_mode, log_interval=args.log_interval, channels_last=args.channels_last,
+        recovery_interval=args.recovery_interval)
+    ckpt_mgr = CheckpointManager(out_dir, max_history=args.checkpoint_hist,
+                                 decreasing=args.eval_metric == 'loss') if env.is_main else None
+    return Run(args=args, env=env, out_dir=out_dir, logger=logger, amp=amp, train_ds=train_ds, val_ds=val_ds,
+               class_names=class_names, model=model, loop=loop, train_sampler=train_sampler, eval_loader=eval_loader,
+               ckpt_mgr=ckpt_mgr, start_epoch=args.start_epoch or 0)
 
-    if env.is_main:
-        save_args(args, os.path.join(out_dir, 'args.yaml'))
-        logger.info(f'Model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, '
-                    f'{num_classes} classes; device {env.device} x {env.world_size} ({env.backend or "single"}); '
-                    f'AMP {amp.dtype_name if args.amp else "off"}; {len(train_ds)} train / {len(val_ds)} val images; '
-                    f'{epochs_total} epochs of {steps_per_epoch} steps; output {out_dir}')
-    report = RunReport(out_dir, tensorboard=args.log_tensorboard) if env.is_main else None
 
-    def state_dict_for_save(epoch, step_in_epoch, num_updates, metric=None, epoch_state=None):
-        return {
-            'epoch': epoch, 'step_in_epoch': step_in_epoch, 'num_updates': num_updates, 'arch': args.model,
-            'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': amp.state_dict(),
-            'scheduler': lr_scheduler.state_dict(),
-            'state_dict_ema': model_ema.module.state_dict() if model_ema is not None else None,
-            'metric': metric, 'args': plain(vars(args)), 'class_names': list(class_names),
-            'num_classes': num_classes, 'rng': rng_state(env.device), 'version': 1,
-            'meters': epoch_state.state_dict() if epoch_state is not None else None,
-        }
+def resume(run: Run):
+    """--resume PATH|auto: weights, optimizer, scaler, scheduler, EMA, the position in the epoch and the RNG states.
+    The RNG states are put back last, in train_epochs, right before the first step (nothing may draw after)."""
+    args, loop = run.args, run.loop
+    path = find_auto_resume(run.out_dir, args.trust_checkpoint) if args.resume == 'auto' else args.resume
+    if not path:
+        run.num_updates = run.start_epoch * loop.steps_per_epoch
+        return
+    ckpt = load_model_weights(run.model, path, trust=args.trust_checkpoint)
+    if not args.no_resume_opt:
+        loop.optimizer.load_state_dict(ckpt['optimizer'])
+        run.amp.load_state_dict(ckpt.get('scaler') or {})
+        if ckpt.get('scheduler'):
+            loop.lr_scheduler.load_state_dict(ckpt['scheduler'])
+        run.start_epoch, run.start_step = resume_position(ckpt)
+        run.resume_rng = ckpt.get('rng')
+    if loop.model_ema is not None and isinstance(ckpt.get('state_dict_ema'), dict):
+        load_state_dict_checked(loop.model_ema.module, model_state_dict(ckpt['state_dict_ema'], path),
+                                source=f'{path} (EMA)')
+    if run.ckpt_mgr is not None:
+        run.ckpt_mgr.best_metric, run.ckpt_mgr.best_epoch = ckpt.get('best_metric'), ckpt.get('best_epoch')
+    if run.start_step > 0 and ckpt.get('meters'):
+        run.epoch_state = EpochState(**ckpt['meters'])
+    run.num_updates = ckpt.get('num_updates', run.start_epoch * loop.steps_per_epoch + run.start_step)
+    run.logger.info(f'Resumed from {path}: epoch {run.start_epoch}, step {run.start_step}')
 
-    num_updates = start_epoch * steps_per_epoch + start_step
-    epoch_state = EpochState()
-    if resume_ckpt is not None and start_step > 0 and resume_ckpt.get('meters'):
-        epoch_state = EpochState(**resume_ckpt['meters'])
-    if resume_ckpt is not None and not args.no_resume_opt and resume_ckpt.get('rng'):
-        set_rng_state(resume_ckpt['rng'], env.device)  # last thing before training: nothing below draws from it
-    totals = {'images': 0, 'seconds': 0.}
-    eval_metrics, train_metrics = {}, {}
-    recovery = None
-    if args.recovery_interval > 0 and env.is_main:
-        def recovery(step, updates, state):
-            ckpt_mgr.save_recovery(state_dict_for_save(epoch, step, updates, epoch_state=state))
-    elif args.recovery_interval > 0:
-        def recovery(step, updates, state):  # other ranks: nothing to write
-            return None
 
-    for epoch in range(start_epoch, epochs_total):
-        lr_scheduler.step(epoch)
-        train_sampler.set_epoch(epoch, start=(start_step if epoch == start_epoch else 0)
-                                * args.batch_size * args.grad_accum_steps)
-        train_ds.set_epoch(epoch)
-        if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-            mixup_fn.mixup_enabled = False
-        train_metrics, num_updates = train_one_epoch(
-            epoch, train_model, train_loader, optimizer, train_loss_fn, amp, env, steps_per_epoch,
-            lr_scheduler=lr_scheduler, model_ema=model_ema, mixup_fn=mixup_fn,
-            start_step=start_step if epoch == start_epoch else 0, num_updates=num_updates,
-            grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-            log_interval=args.log_interval, channels_last=args.channels_last, state=epoch_state,
-            on_step=recovery, recovery_interval=args.recovery_interval)
-        epoch_state = EpochState()
-        totals['images'] += train_metrics['timed_images']
-        totals['seconds'] += train_metrics['timed_seconds']
-        bad = len(train_ds.bad_files) + len(getattr(val_ds, 'bad_files', []))
-        if args.max_bad_images >= 0 and bad > args.max_bad_images:
-            raise UsageError(f'{bad} unreadable images found (more than --max-bad-images {args.max_bad_images}); '
-                             f'run python -m vancls.check_data {args.data_dir} to list them')
+def announce(run: Run):
+    """Rank 0: args.yaml, the run's summary line, and the per-epoch report files."""
+    if not run.env.is_main:
+        return
+    args, env, loop = run.args, run.env, run.loop
+    save_args(args, os.path.join(run.out_dir, 'args.yaml'))
+    run.logger.info(
+        f'Model {args.model}: {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M params, '
+        f'{run.num_classes} classes; device {env.device} x {env.world_size} ({env.backend or "single"}); '
+        f'precision {run.amp.precision}; {len(run.train_ds)} train / {len(run.val_ds)} val images; '
+        f'{num_total_epochs(args)} epochs of {loop.steps_per_epoch} steps; output {run.out_dir}')
+    run.report = RunReport(run.out_dir, tensorboard=args.log_tensorboard)
+
+
+def _save_recovery(run: Run, epoch: int):
+    """on_step for --recovery-interval: rank 0 writes recovery.pth.tar at this step of `epoch`."""
+    def on_step(step, num_updates, state):
+        run.num_updates = num_updates
+        if run.ckpt_mgr is not None:
+            run.ckpt_mgr.save_recovery(run.checkpoint(epoch, step, epoch_state=state))
+    return on_step
+
+
+def train_epochs(run: Run):
+    """The epoch loop: train, check bad images, sync BN, evaluate, checkpoint and report each epoch."""
+    from timm.utils import distribute_bn
+    args, env, loop = run.args, run.env, run.loop
+    if run.resume_rng:
+        set_rng_state(run.resume_rng, env.device)  # last thing before training: nothing below draws from it first
+    for epoch in range(run.start_epoch, num_total_epochs(args)):
+        start = run.start_step if epoch == run.start_epoch else 0
+        loop.lr_scheduler.step(epoch)
+        run.train_sampler.set_epoch(epoch, start=start * args.batch_size * args.grad_accum_steps)
+        run.train_ds.set_epoch(epoch)
+        if loop.mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            loop.mixup_fn.mixup_enabled = False
+        loop.on_step = _save_recovery(run, epoch) if args.recovery_interval > 0 else None
+        run.train_metrics, run.num_updates = train_one_epoch(
+            loop, epoch, start_step=start, num_updates=run.num_updates,
+            state=run.epoch_state if epoch == run.start_epoch else None)
+        run.totals['images'] += run.train_metrics['timed_images']
+        run.totals['seconds'] += run.train_metrics['timed_seconds']
+        bad = count_bad_images(run)
         if env.distributed and args.dist_bn:
-            distribute_bn(model, env.world_size, args.dist_bn == 'reduce')
-        metric = None
-        if not args.no_eval:
-            eval_metrics = evaluate(model, eval_loader, env, amp, args.channels_last)
-            if model_ema is not None and not args.model_ema_force_cpu:
-                if env.distributed and args.dist_bn:
-                    distribute_bn(model_ema, env.world_size, args.dist_bn == 'reduce')
-                eval_metrics = evaluate(model_ema.module, eval_loader, env, amp, args.channels_last, 'Test (EMA)')
-            metric = eval_metrics[args.eval_metric]
+            distribute_bn(run.model, env.world_size, args.dist_bn == 'reduce')
+        metric = evaluate_epoch(run)
         if env.is_main:
-            is_best = ckpt_mgr.save_epoch(state_dict_for_save(epoch, 0, num_updates, metric), epoch, metric)
-            report.add_epoch({
-                'epoch': epoch, 'lr': train_metrics['lr'], 'train_loss': train_metrics['loss'],
-                'eval_loss': eval_metrics.get('loss'), 'eval_top1': eval_metrics.get('top1'),
-                'eval_top5': eval_metrics.get('top5'), 'train_img_per_sec': train_metrics['img_per_sec'],
+            is_best = run.ckpt_mgr.save_epoch(run.checkpoint(epoch, 0, metric), epoch, metric)
+            m, e = run.train_metrics, run.eval_metrics
+            run.report.add_epoch({
+                'epoch': epoch, 'lr': m['lr'], 'train_loss': m['loss'], 'eval_loss': e.get('loss'),
+                'eval_top1': e.get('top1'), 'eval_top5': e.get('top5'), 'train_img_per_sec': m['img_per_sec'],
                 'bad_images': bad})
-            logger.info(f'Epoch {epoch}: train loss {train_metrics["loss"]:.4f}, '
-                        f'{train_metrics["img_per_sec"]:.1f} img/s, bad images {bad}'
-                        + (' (new best)' if is_best else ''))
-    in_sync = ranks_in_sync(model, env)
-    if env.is_main:
-        report.close()
-        best_metric, best_epoch = ckpt_mgr.best_metric, ckpt_mgr.best_epoch
-        fps = totals['images'] / totals['seconds'] if totals['seconds'] > 0 else 0.
-        results = {
-            'model': args.model, 'device': env.device.type, 'world_size': env.world_size,
-            'global_batch': args.batch_size * env.world_size * args.grad_accum_steps, 'epochs': epochs_total,
-            'best_top1': best_metric if args.eval_metric == 'top1' else None, 'best_metric': best_metric,
-            'eval_metric': args.eval_metric, 'best_epoch': best_epoch,
-            'final_top1': eval_metrics.get('top1'), 'final_top5': eval_metrics.get('top5'),
-            'final_loss': eval_metrics.get('loss'), 'train_loss': train_metrics.get('loss'),
-            'train_img_per_sec': fps, 'peak_memory_mb': peak_memory_mb(env.device),
-            'amp': amp.dtype_name if args.amp else None, 'skipped_steps': amp.skipped_steps,
-            'bad_images': len(train_ds.bad_files) + len(getattr(val_ds, 'bad_files', [])),
-            'output_dir': out_dir, 'num_classes': num_classes, 'ranks_in_sync': in_sync,
-        }
-        write_json(results, os.path.join(out_dir, 'results.json'))
-        logger.info(f'Training throughput: FPS: {fps:.2f}')
-        if best_metric is not None:
-            logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
-        return results
-    return None
+            run.logger.info(f'Epoch {epoch}: train loss {m["loss"]:.4f}, {m["img_per_sec"]:.1f} img/s, '
+                            f'bad images {bad}' + (' (new best)' if is_best else ''))
+
+
+def count_bad_images(run: Run) -> int:
+    """Unreadable images found so far (train and eval); stops the run past --max-bad-images."""
+    bad = len(run.train_ds.bad_files) + len(getattr(run.val_ds, 'bad_files', []))
+    if 0 <= run.args.max_bad_images < bad:
+        raise UsageError(f'{bad} unreadable images found (more than --max-bad-images {run.args.max_bad_images}); '
+                         f'run python -m vancls.check_data {run.args.data_dir} to list them')
+    return bad
+
+
+def evaluate_epoch(run: Run) -> Optional[float]:
+    """Evaluate the model (and the EMA model, whose result then counts); returns --eval-metric or None."""
+    from timm.utils import distribute_bn
+    args, env, loop = run.args, run.env, run.loop
+    if args.no_eval:
+        return None
+    run.eval_metrics = evaluate(run.model, run.eval_loader, env, run.amp, args.channels_last)
+    if loop.model_ema is not None and not args.model_ema_force_cpu:
+        if env.distributed and args.dist_bn:
+            distribute_bn(loop.model_ema, env.world_size, args.dist_bn == 'reduce')
+        run.eval_metrics = evaluate(loop.model_ema.module, run.eval_loader, env, run.amp, args.channels_last,
+                                    'Test (EMA)')
+    return run.eval_metrics[args.eval_metric]
+
+
+def finish(run: Run) -> Optional[dict]:
+    """results.json and the port's closing log lines (rank 0); every rank checks the ranks ended in sync."""
+    args, env = run.args, run.env
+    in_sync = ranks_in_sync(run.model, env)
+    if not env.is_main:
+        return None
+    run.report.close()
+    best_metric, best_epoch = run.ckpt_mgr.best_metric, run.ckpt_mgr.best_epoch
+    fps = run.totals['images'] / run.totals['seconds'] if run.totals['seconds'] > 0 else 0.
+    e = run.eval_metrics
+    results = {
+        'model': args.model, 'device': env.device.type, 'world_size': env.world_size,
+        'global_batch': args.batch_size * env.world_size * args.grad_accum_steps, 'epochs': num_total_epochs(args),
+        'best_top1': best_metric if args.eval_metric == 'top1' else None, 'best_metric': best_metric,
+        'eval_metric': args.eval_metric, 'best_epoch': best_epoch,
+        'final_top1': e.get('top1'), 'final_top5': e.get('top5'), 'final_loss': e.get('loss'),
+        'train_loss': run.train_metrics.get('loss'), 'train_img_per_sec': fps,
+        'peak_memory_mb': peak_memory_mb(env.device), 'amp': run.amp.dtype_name if args.amp else None,
+        'amp_precision': run.amp.precision, 'skipped_steps': run.amp.skipped_steps,
+        'bad_images': len(run.train_ds.bad_files) + len(getattr(run.val_ds, 'bad_files', [])),
+        'output_dir': run.out_dir, 'num_classes': run.num_classes, 'ranks_in_sync': in_sync,
+    }
+    write_json(results, os.path.join(run.out_dir, 'results.json'))
+    run.logger.info(f'Training throughput: FPS: {fps:.2f}')
+    if best_metric is not None:
+        run.logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
+    return results
 
 
 if __name__ == '__main__':

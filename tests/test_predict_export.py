@@ -20,7 +20,7 @@ import export  # noqa: E402
 import predict  # noqa: E402
 import train  # noqa: E402
 import validate  # noqa: E402
-from vancls.checkpoint import load_checkpoint_file, load_model_weights  # noqa: E402
+from vancls.checkpoint import load_model_weights, read_checkpoint  # noqa: E402
 from vancls.config import parse_with_config, run_cli  # noqa: E402
 from vancls.digits import CLASS_NAMES  # noqa: E402
 
@@ -29,7 +29,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 def _cli(module, argv):
     """Run a CLI as its __main__ does (parse, main, one-line errors): returns the exit status."""
-    return run_cli(module.main, parse_with_config(module.get_args_parser(), argv))
+    return run_cli(module.main, module.get_args_parser, argv)
 
 
 @pytest.fixture(scope='module')
@@ -61,7 +61,7 @@ def _unfused(path, name='van_b0', num_classes=10):
 # --------------------------------------------------------------------------------------------- predict.py
 
 def test_checkpoint_carries_class_names(trained):
-    ckpt = load_checkpoint_file(trained['last'])
+    ckpt = read_checkpoint(trained['last'])
     assert ckpt['class_names'] == list(CLASS_NAMES) and ckpt['num_classes'] == 10 and ckpt['arch'] == 'van_b0'
 
 
@@ -248,7 +248,7 @@ def test_export_safetensors_round_trip(trained, tmp_path, capsys):
 
     # loads back through timm's pretrained path, bit-identical to the checkpoint
     loaded = timm.create_model('van_b0', pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=out))
-    ref = load_checkpoint_file(trained['last'])['state_dict']
+    ref = read_checkpoint(trained['last'])['state_dict']
     own = loaded.state_dict()
     assert set(own) == set(ref) and all(torch.equal(own[k], ref[k]) for k in ref)
     # ...also when the number of classes comes with the overlay instead

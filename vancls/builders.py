@@ -1,11 +1,13 @@
-"""Model, optimizer, loss and mixup from the parsed arguments (shared by train.py, validate.py and predict.py)."""
+"""Model, optimizer, loss and mixup from the parsed arguments (shared by train.py, validate.py, predict.py, export.py)."""
 import logging
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 
 import models  # noqa: F401 - registers the VAN names with timm
 from models.van import VAN_NAMES
+from .checkpoint import checkpoint_meta, load_model_weights, read_checkpoint
 from .config import UsageError
 
 _logger = logging.getLogger('vancls')
@@ -28,7 +30,6 @@ def create_model(args, num_classes: int, pretrained: bool = False, **extra) -> n
         kwargs['in_chans'] = args.in_chans
     if pretrained and getattr(args, 'pretrained_path', None):
         kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path)
-    kwargs['trust_checkpoint'] = getattr(args, 'trust_checkpoint', False)
     return timm.create_model(args.model, pretrained=pretrained, **kwargs)
 
 
@@ -97,3 +98,56 @@ def resolve_data_config(args) -> dict:
     cfg_args = {k: getattr(args, k, None) for k in ('input_size', 'img_size', 'crop_pct', 'mean', 'std',
                                                     'interpolation', 'in_chans')}
     return timm_resolve(cfg_args, pretrained_cfg=dict(default_cfgs[args.model]))
+
+
+# Data options that default to the values the model was trained with (saved in our checkpoints' `args`).
+_DATA_KEYS = ('input_size', 'img_size', 'crop_pct', 'mean', 'std', 'interpolation')
+
+
+def load_trained_model(args):
+    """(model in eval mode on the CPU, meta, data_config) from --checkpoint / --pretrained and the data options,
+    for the inference CLIs (predict.py, export.py).
+
+    meta: model (name), num_classes, class_names (list of str, or indices as str when the file has none), and
+    data_args, the data options used (the command line's, else the checkpoint's training values).
+    """
+    from .data import load_class_map
+    if not (args.checkpoint or args.pretrained):
+        raise UsageError('give --checkpoint PATH (or --pretrained for the official weights)')
+    ckpt = read_checkpoint(args.checkpoint, args.trust_checkpoint) if args.checkpoint else None
+    meta = checkpoint_meta(ckpt)
+    name = args.model or meta['arch']
+    if not name:
+        raise UsageError(f'{args.checkpoint} does not name its model: give --model (van_b0 .. van_b6)')
+    check_model_name(name)
+    class_names = load_class_map(args.class_map) if getattr(args, 'class_map', '') else meta['class_names']
+    num_classes = getattr(args, 'num_classes', None) or meta['num_classes'] or (len(class_names) if class_names else 1000)
+    if class_names is not None and len(class_names) != num_classes:
+        raise UsageError(f'{len(class_names)} class names for a model with {num_classes} classes')
+    build_args = SimpleNamespace(model=name, pretrained_path=getattr(args, 'pretrained_path', ''),
+                                 in_chans=getattr(args, 'in_chans', None))
+    model = create_model(build_args, num_classes, pretrained=args.pretrained and not args.checkpoint)
+    if ckpt is not None:
+        load_model_weights(model, args.checkpoint, use_ema=getattr(args, 'use_ema', False), checkpoint=ckpt)
+    model.eval()
+    data_args = {}
+    for key in _DATA_KEYS:
+        value = getattr(args, key, None)
+        data_args[key] = value if value not in (None, '') else meta['args'].get(key)
+    if getattr(args, 'input_size', None) or getattr(args, 'img_size', None):  # a size given here wins outright
+        data_args['input_size'] = getattr(args, 'input_size', None)
+        data_args['img_size'] = getattr(args, 'img_size', None)
+    data_config = resolve_data_config(SimpleNamespace(model=name, **data_args))
+    return model, {'model': name, 'num_classes': num_classes, 'data_args': data_args,
+                   'class_names': [str(c) for c in class_names] if class_names else
+                   [str(i) for i in range(num_classes)]}, data_config
+
+
+def set_fast_path(model: nn.Module, mode: str) -> nn.Module:
+    """--fast-path for every CLI: the model's execution mode, with a one-line error for an unknown mode."""
+    if hasattr(model, 'set_fast_path'):
+        try:
+            model.set_fast_path(mode)
+        except ValueError as e:
+            raise UsageError(f'--fast-path: {e}') from None
+    return model

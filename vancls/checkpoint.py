@@ -1,13 +1,18 @@
-"""Checkpoints: atomic writes, history, `--resume auto`, and loading that never runs code from a file.
+"""Checkpoints, the one module that reads and writes them: safe loading (never runs code from a file), unwrapping,
+head dropping, metadata, atomic writes, history, `--resume auto`.
 
-Layout of a checkpoint (timm-compatible dict, loadable with torch.load(weights_only=True)):
+Layout of a checkpoint written by train.py (timm-compatible dict, loadable with torch.load(weights_only=True)):
     epoch, arch, state_dict, optimizer, scaler, scheduler, state_dict_ema, args (plain types), metric,
-    class_names, version, and for recovery checkpoints also step_in_epoch, num_updates, rng, meters.
+    class_names, num_classes, version, and for recovery checkpoints also step_in_epoch, num_updates, rng, meters.
 `epoch` is the epoch the checkpoint *finished* (step_in_epoch == 0) or is inside of (step_in_epoch > 0).
+Also read: the reference's/the port's checkpoints (timm 0.4's CheckpointSaver: `args` is an argparse.Namespace,
+`amp` holds apex's loss-scaler state, `version` 2), the official weight files, and export.py's .safetensors.
 """
+import argparse
 import glob
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -17,13 +22,17 @@ import numpy as np
 import torch
 
 from . import faults
-from models.van import clean_state_dict, load_checkpoint_file, load_state_dict_checked  # noqa: F401 (re-export)
+from models.van import checkpoint_filter_fn
 
 _logger = logging.getLogger('vancls')
 
 CHECKPOINT_VERSION = 1
 LAST, BEST, RECOVERY = 'last.pth.tar', 'model_best.pth.tar', 'recovery.pth.tar'
 _EPOCH_RE = re.compile(r'checkpoint-(\d+)\.pth\.tar$')
+
+# Harmless types that reference-made checkpoints hold besides tensors and plain containers: timm's saver stores the
+# training arguments as an argparse.Namespace (attribute assignment only, no code runs).
+SAFE_GLOBALS = (argparse.Namespace,)
 
 
 class CheckpointError(RuntimeError):
@@ -208,10 +217,10 @@ def find_auto_resume(folder: str, trust: bool = False) -> Optional[str]:
         if not os.path.isfile(path):
             continue
         try:
-            ckpt = load_checkpoint_file(path, trust=trust)
+            ckpt = read_checkpoint(path, trust=trust)
             if not isinstance(ckpt, dict) or 'state_dict' not in ckpt or 'epoch' not in ckpt:
-                raise ValueError('not a training checkpoint of this project (no state_dict/epoch)')
-        except (ValueError, FileNotFoundError) as e:
+                raise CheckpointError('not a training checkpoint of this project (no state_dict/epoch)')
+        except CheckpointError as e:
             _logger.warning(f'--resume auto: skipping unreadable checkpoint {path}: {e}')
             continue
         key = _progress_key(ckpt)
@@ -227,35 +236,142 @@ def resume_position(ckpt: Dict[str, Any]) -> tuple:
     return (epoch, step) if step > 0 else (epoch + 1, 0)
 
 
-def read_checkpoint(path: str, trust: bool = False) -> Any:
-    """load_checkpoint_file with this package's error type (the message names the file and the problem)."""
+# ---------------------------------------------------------------------------------------------------- reading
+
+class _AllowlistUnpickler(pickle.Unpickler):
+    """torch < 2.4 has no user allowlist for weights_only loading: this unpickler resolves only torch's own
+    weights_only globals plus SAFE_GLOBALS, and refuses everything else (so no code in the file can run)."""
+
+    def find_class(self, module, name):
+        from torch._weights_only_unpickler import _get_allowed_globals
+        key = f'{module}.{name}'
+        allowed = {f'{g.__module__}.{g.__qualname__}': g for g in SAFE_GLOBALS}
+        allowed.update(_get_allowed_globals())
+        if key not in allowed:
+            raise pickle.UnpicklingError(f'Weights only load failed: GLOBAL {key} was not an allowed global')
+        return allowed[key]
+
+
+class _allowlist_pickle:  # noqa: N801 - stands in for the `pickle` module in torch.load(pickle_module=...)
+    Unpickler = _AllowlistUnpickler
+    __name__ = 'pickle'
+
+    @staticmethod
+    def load(file, **kwargs):  # torch's legacy (non-zip) format
+        return _AllowlistUnpickler(file, **kwargs).load()
+
+
+def _safe_torch_load(path: str):
+    if hasattr(torch.serialization, 'safe_globals'):  # torch >= 2.4
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    return torch.load(path, map_location='cpu', weights_only=False, pickle_module=_allowlist_pickle)
+
+
+def _read_safetensors(path: str) -> Dict[str, Any]:
+    """export.py's format: a flat state dict (never unpickled) and string metadata, as a checkpoint dict."""
+    import json
     try:
-        return load_checkpoint_file(path, trust=trust)
-    except (ValueError, FileNotFoundError) as e:
-        raise CheckpointError(str(e)) from None
+        from safetensors import safe_open
+    except ImportError:
+        raise CheckpointError(f'{path}: reading .safetensors files needs the safetensors package') from None
+    try:
+        with safe_open(path, framework='pt', device='cpu') as f:
+            meta = f.metadata() or {}
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+        return {'state_dict': state_dict, 'arch': meta.get('model'),
+                'class_names': json.loads(meta['class_names']) if meta.get('class_names') else None,
+                'args': json.loads(meta['data_args']) if meta.get('data_args') else {}}
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, JSONDecodeError
+        raise CheckpointError(f'{path}: not a readable safetensors file ({type(e).__name__}: {e})') from None
+
+
+def read_checkpoint(path: str, trust: bool = False) -> Any:
+    """Load a checkpoint file on the CPU without running code from it (unless `trust`), for every entry point.
+
+    Plain tensors and containers load, and so do the harmless types of SAFE_GLOBALS; anything else is refused
+    with an error naming the type. Raises CheckpointError naming the file when it is missing or unreadable.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint not found: {path}')
+    if path.endswith('.safetensors'):
+        return _read_safetensors(path)
+    try:
+        if trust:
+            return torch.load(path, map_location='cpu', weights_only=False)
+        return _safe_torch_load(path)
+    except Exception as e:  # noqa: BLE001 - torch raises many types (UnpicklingError, RuntimeError, EOFError)
+        text = str(e)
+        if not trust and 'Weights only load failed' in text:
+            # Name the offending global (e.g. "GLOBAL io.open was not an allowed global") rather than torch's essay.
+            culprit = next((line.strip() for line in text.splitlines() if 'GLOBAL' in line), 'unsupported content')
+            raise CheckpointError(
+                f'{path}: refused to load: it needs full unpickling, which can run arbitrary code ({culprit[:200]}). '
+                f'If you trust the file, pass --trust-checkpoint.') from None
+        msg = text.splitlines()[0][:300] if text else type(e).__name__
+        raise CheckpointError(f'{path}: not a readable checkpoint ({type(e).__name__}: {msg})') from None
+
+
+def model_state_dict(ckpt: Any, source: str = 'checkpoint', use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The model's weights in a checkpoint (or its EMA weights), unwrapped and without wrapper prefixes."""
+    if use_ema:
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get('state_dict_ema'), dict):
+            raise CheckpointError(f'{source}: --use-ema given but the checkpoint has no EMA weights (state_dict_ema)')
+        ckpt = ckpt['state_dict_ema']
+    try:
+        return checkpoint_filter_fn(ckpt)
+    except ValueError as e:
+        raise CheckpointError(f'{source}: {e}') from None
+
+
+def checkpoint_meta(ckpt: Any) -> Dict[str, Any]:
+    """What a checkpoint says about its model: arch, num_classes (from the head), class_names, training args.
+    Official files carry only weights: arch, class_names are then None and args {}."""
+    ckpt = ckpt if isinstance(ckpt, dict) else {}
+    try:
+        head = checkpoint_filter_fn(ckpt).get('head.weight')
+    except ValueError:
+        head = None
+    args = ckpt.get('args') or {}
+    if isinstance(args, argparse.Namespace):  # the reference's saver
+        args = vars(args)
+    arch = ckpt.get('arch') if isinstance(ckpt.get('arch'), str) else None
+    return {'arch': arch or args.get('model'), 'num_classes': int(head.shape[0]) if head is not None else None,
+            'class_names': ckpt.get('class_names'), 'args': args}
+
+
+def load_state_dict_checked(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str = 'checkpoint',
+                            drop_head: Any = False):
+    """Load `state_dict` strictly; every missing, unexpected or mis-shaped key is named in the error.
+
+    drop_head=True leaves the classifier as initialized (fine-tuning to other classes); 'auto' does so only when
+    the file's classifier has another shape than the model's.
+    """
+    own = model.state_dict()
+    if drop_head == 'auto':
+        head = state_dict.get('head.weight')
+        drop_head = head is not None and 'head.weight' in own and tuple(head.shape) != tuple(own['head.weight'].shape)
+    if drop_head:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('head.')}
+    missing = [k for k in own if k not in state_dict and not (drop_head and k.startswith('head.'))]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [f'{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+                  for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        arch = getattr(model, 'pretrained_cfg', {}).get('architecture', '?')
+        lines = [f'{source} does not fit {type(model).__name__} ({arch}):']
+        for title, keys in (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatch', mismatched)):
+            if keys:
+                shown = ', '.join(keys[:12]) + (f', ... ({len(keys) - 12} more)' if len(keys) > 12 else '')
+                lines.append(f'  {title} ({len(keys)}): {shown}')
+        raise CheckpointError('\n'.join(lines))
+    model.load_state_dict(state_dict, strict=not drop_head)
 
 
 def load_model_weights(model: torch.nn.Module, path: str, trust: bool = False, use_ema: bool = False,
                        drop_head: Any = False, checkpoint: Any = None) -> Dict[str, Any]:
-    """Load weights from one of our checkpoints or an official .pth.tar into `model` (strict, checked).
-    drop_head='auto' leaves the classifier as initialized when the file's has another number of classes
-    (fine-tuning); everything else must match. Returns the checkpoint dict (or {} for a bare state dict)."""
+    """Load weights from any checkpoint this module reads into `model` (strict, checked; see
+    load_state_dict_checked for `drop_head`). Returns the checkpoint dict ({} for a bare state dict)."""
     ckpt = read_checkpoint(path, trust) if checkpoint is None else checkpoint
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f'{path}: not a checkpoint (a {type(ckpt).__name__}, expected a dict)')
-    source = ckpt
-    if use_ema:
-        if not isinstance(ckpt.get('state_dict_ema'), dict):
-            raise CheckpointError(f'{path}: --use-ema given but the checkpoint has no EMA weights (state_dict_ema)')
-        source = ckpt['state_dict_ema']
-    if drop_head == 'auto':
-        file_head = clean_state_dict(source).get('head.weight')
-        own_head = model.state_dict().get('head.weight')
-        drop_head = file_head is not None and own_head is not None and file_head.shape != own_head.shape
-    try:
-        load_state_dict_checked(model, source, source=path, drop_head=bool(drop_head))
-    except ValueError as e:
-        raise CheckpointError(f'{path}: {e}') from None
-    except RuntimeError as e:
-        raise CheckpointError(str(e)) from None
-    return ckpt if ('state_dict' in ckpt or 'model' in ckpt) else {}
+    load_state_dict_checked(model, model_state_dict(ckpt, path, use_ema), source=path, drop_head=drop_head)
+    return ckpt if isinstance(ckpt, dict) and ('state_dict' in ckpt or 'model' in ckpt) else {}

@@ -7,8 +7,8 @@ import contextlib
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,11 +32,35 @@ class EpochState:
     timed_images: int = 0
     timed_seconds: float = 0.
     data_seconds: float = 0.
-    extra: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
-        return dict(loss_sum=self.loss_sum, loss_count=self.loss_count, timed_images=self.timed_images,
-                    timed_seconds=self.timed_seconds, data_seconds=self.data_seconds)
+        return asdict(self)
+
+
+@dataclass
+class TrainLoop:
+    """What stays the same over the epochs of one run: the objects a training step uses and the loop's settings.
+
+    `on_step(step_in_epoch, num_updates, state)` runs every `recovery_interval` optimizer steps (recovery
+    checkpoints; not on the epoch's last step, whose state the end-of-epoch checkpoint holds).
+    """
+    model: torch.nn.Module  # possibly wrapped (DDP, torch.compile)
+    loader: Any
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable
+    amp: Amp
+    env: DistEnv
+    steps_per_epoch: int
+    lr_scheduler: Any = None
+    model_ema: Any = None
+    mixup_fn: Optional[Callable] = None
+    grad_accum_steps: int = 1
+    clip_grad: Optional[float] = None
+    clip_mode: str = 'norm'
+    log_interval: int = 50
+    channels_last: bool = False
+    recovery_interval: int = 0
+    on_step: Optional[Callable[[int, int, EpochState], None]] = None
 
 
 def _progress(epoch: int, step: int, total: int):
@@ -49,125 +73,146 @@ def _progress(epoch: int, step: int, total: int):
         sys.stdout.flush()
 
 
-def train_one_epoch(
-        epoch: int, model, loader, optimizer, loss_fn, amp: Amp, env: DistEnv, total_steps: int, *,
-        lr_scheduler=None, model_ema=None, mixup_fn=None, start_step: int = 0, num_updates: int = 0,
-        grad_accum_steps: int = 1, clip_grad: Optional[float] = None, clip_mode: str = 'norm',
-        log_interval: int = 50, channels_last: bool = False, state: Optional[EpochState] = None,
-        on_step: Optional[Callable[[int, int, EpochState], None]] = None, recovery_interval: int = 0,
-        max_steps: Optional[int] = None,
-):
-    """Train one epoch of `total_steps` optimizer steps from step `start_step`; returns (metrics, num_updates).
+class _FiniteCheck:
+    """NaN/inf detection without a per-step device sync: the first bad step is recorded on the device and read
+    back only at log intervals, before any checkpoint, and at the end of the epoch.
 
-    `on_step(step_in_epoch, num_updates, state)` runs every `recovery_interval` optimizer steps (recovery
-    checkpoints; not on the epoch's last step, whose state the end-of-epoch checkpoint holds).
-    The loss is checked for NaN/inf without a per-step device sync: the first bad step is recorded on the device
-    and checked at each log interval, before any checkpoint, and at the end of the epoch.
+    Rule: every rank must call `check()` at the same steps (they are deterministic: log interval, recovery
+    interval, end of epoch), because on distributed runs it is an all-reduce: a rank that skipped it would
+    leave the others waiting forever. All ranks then raise together, so none is left in a collective.
     """
-    state = state or EpochState()
-    model.train()
-    if max_steps is not None:
-        total_steps = min(total_steps, max_steps)
-    global_batch = None
-    first_bad = torch.full((), -1, dtype=torch.long, device=env.device)
-    loss_sum_dev = torch.zeros((), dtype=torch.float64, device=env.device)
-    loss_count = 0
-    step = start_step
-    micro = 0
-    timer_start = None
-    t_data = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
 
-    def check_finite():
-        bad = int(first_bad.item())
-        if env.distributed:
-            t = torch.tensor([bad if bad >= 0 else 2 ** 62], device=env.device if env.backend != 'gloo' else 'cpu')
+    def __init__(self, env: DistEnv, epoch: int, total_steps: int):
+        self.env, self.epoch, self.total_steps = env, epoch, total_steps
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=env.device)
+
+    def record(self, loss: torch.Tensor, step: int):
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad = torch.where((self.first_bad < 0) & bad, torch.full_like(self.first_bad, step),
+                                     self.first_bad)
+
+    def check(self):
+        bad = int(self.first_bad.item())
+        if self.env.distributed:
+            t = torch.tensor([bad if bad >= 0 else 2 ** 62], device=_collective_device(self.env))
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
             bad = int(t.item()) if int(t.item()) < 2 ** 62 else -1
         if bad >= 0:
-            raise NonFiniteLossError(f'non-finite loss at epoch {epoch}, step {bad + 1}/{total_steps}: stopping; '
-                                     f'the last good checkpoint is kept (lower --lr, use --clip-grad, or check data)')
+            raise NonFiniteLossError(f'non-finite loss at epoch {self.epoch}, step {bad + 1}/{self.total_steps}: '
+                                     f'stopping; the last good checkpoint is kept (lower --lr, use --clip-grad, '
+                                     f'or check data)')
 
-    for inputs, targets in loader:
+
+def _collective_device(env: DistEnv) -> torch.device:
+    return env.device if env.backend != 'gloo' else torch.device('cpu')
+
+
+def _forward_backward(loop: TrainLoop, inputs, targets, last_micro: bool, num_updates: int):
+    """One micro-batch: forward under autocast, loss, backward (gradient all-reduce only on the last micro-batch
+    of an accumulation). Returns the (unscaled) loss."""
+    skip_sync = loop.env.distributed and not last_micro and hasattr(loop.model, 'no_sync')
+    with loop.model.no_sync() if skip_sync else contextlib.nullcontext():
+        with loop.amp.autocast():
+            loss = loop.loss_fn(loop.model(inputs), targets)
+        if faults.nan_loss(num_updates) and last_micro:
+            loss = loss * float('nan')
+        loop.amp.backward(loss / loop.grad_accum_steps, loop.optimizer)
+    return loss
+
+
+def _optimizer_step(loop: TrainLoop, num_updates: int) -> int:
+    loop.amp.step(loop.optimizer, loop.model.parameters(), clip_grad=loop.clip_grad, clip_mode=loop.clip_mode)
+    loop.optimizer.zero_grad(set_to_none=True)
+    if loop.model_ema is not None:
+        loop.model_ema.update(loop.model)
+    num_updates += 1
+    faults.after_update(num_updates)
+    if loop.lr_scheduler is not None:
+        loop.lr_scheduler.step_update(num_updates=num_updates)
+    return num_updates
+
+
+def train_one_epoch(loop: TrainLoop, epoch: int, start_step: int = 0, num_updates: int = 0,
+                    state: Optional[EpochState] = None):
+    """Train one epoch of `loop.steps_per_epoch` optimizer steps from step `start_step`; returns
+    (metrics, num_updates). `state` carries the sums of a resumed epoch."""
+    state = state or EpochState()
+    env, total_steps = loop.env, loop.steps_per_epoch
+    loop.model.train()
+    finite = _FiniteCheck(env, epoch, total_steps)
+    loss_sum_dev = torch.zeros((), dtype=torch.float64, device=env.device)
+    loss_count, step, micro, global_batch, timer_start = 0, start_step, 0, None, None
+    t_data = time.perf_counter()
+    loop.optimizer.zero_grad(set_to_none=True)
+
+    def flush_loss():  # device-side loss sums into the (checkpointed) epoch state
+        nonlocal loss_count
+        state.loss_sum += float(loss_sum_dev.item())
+        state.loss_count += loss_count
+        loss_sum_dev.zero_()
+        loss_count = 0
+
+    for inputs, targets in loop.loader:
         if step >= total_steps:
             break
         data_time = time.perf_counter() - t_data
         if inputs.device != env.device:  # the prefetcher already delivers on the device
             inputs, targets = inputs.to(env.device, non_blocking=True), targets.to(env.device, non_blocking=True)
-        if mixup_fn is not None:
-            inputs, targets = mixup_fn(inputs, targets)
-        if channels_last:
+        if loop.mixup_fn is not None:
+            inputs, targets = loop.mixup_fn(inputs, targets)
+        if loop.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         if global_batch is None:
-            global_batch = inputs.shape[0] * env.world_size * grad_accum_steps
-        last_micro = (micro + 1) % grad_accum_steps == 0
-        skip_sync = env.distributed and not last_micro and hasattr(model, 'no_sync')
-        with model.no_sync() if skip_sync else contextlib.nullcontext():
-            with amp.autocast():
-                output = model(inputs)
-                loss = loss_fn(output, targets)
-            if faults.nan_loss(num_updates) and last_micro:
-                loss = loss * float('nan')
-            finite = torch.isfinite(loss.detach())
-            first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, step), first_bad)
-            loss_sum_dev += loss.detach().double()
-            loss_count += 1
-            amp.backward(loss / grad_accum_steps, optimizer)
+            global_batch = inputs.shape[0] * env.world_size * loop.grad_accum_steps
         micro += 1
+        last_micro = micro % loop.grad_accum_steps == 0
+        loss = _forward_backward(loop, inputs, targets, last_micro, num_updates)
+        finite.record(loss, step)
+        loss_sum_dev += loss.detach().double()
+        loss_count += 1
         if not last_micro:
             t_data = time.perf_counter()
             continue
-        amp.step(optimizer, model.parameters(), clip_grad=clip_grad, clip_mode=clip_mode)
-        optimizer.zero_grad(set_to_none=True)
-        if model_ema is not None:
-            model_ema.update(model)
-        num_updates += 1
+        num_updates = _optimizer_step(loop, num_updates)
         step += 1
-        faults.after_update(num_updates)
         state.data_seconds += data_time
-        if lr_scheduler is not None:
-            lr_scheduler.step_update(num_updates=num_updates)
 
         # Throughput: start the clock after the warm-up steps of this epoch.
         if step - start_step == WARMUP_STEPS:
             synchronize(env.device)
             timer_start = time.perf_counter()
         last_step = step >= total_steps
-        if step % log_interval == 0 or last_step:
-            check_finite()
+        if step % loop.log_interval == 0 or last_step:
+            finite.check()
             synchronize(env.device)
-            loss_val = loss.item()
             fps = 0.
             if timer_start is not None and step - start_step > WARMUP_STEPS:
                 fps = (step - start_step - WARMUP_STEPS) * global_batch / (time.perf_counter() - timer_start)
-            lr = optimizer.param_groups[0]['lr']
             if env.is_main:
-                _logger.info(f'Train: {epoch} [{step:>4d}/{total_steps}] loss: {loss_val:.4f} lr: {lr:.3e} '
-                             f'FPS: {fps:.2f} data: {data_time * 1000:.1f}ms')
+                _logger.info(f'Train: {epoch} [{step:>4d}/{total_steps}] loss: {loss.item():.4f} '
+                             f'lr: {loop.optimizer.param_groups[0]["lr"]:.3e} FPS: {fps:.2f} '
+                             f'data: {data_time * 1000:.1f}ms')
         elif env.is_main:
             _progress(epoch, step, total_steps)
-        if on_step is not None and recovery_interval > 0 and step % recovery_interval == 0 and not last_step:
-            check_finite()  # never save a checkpoint after a non-finite loss
-            state.loss_sum += float(loss_sum_dev.item())
-            state.loss_count += loss_count
-            loss_sum_dev.zero_()
-            loss_count = 0
-            on_step(step, num_updates, state)
+        if loop.on_step is not None and loop.recovery_interval > 0 and step % loop.recovery_interval == 0 \
+                and not last_step:
+            finite.check()  # never save a checkpoint after a non-finite loss
+            flush_loss()
+            loop.on_step(step, num_updates, state)
         t_data = time.perf_counter()
 
-    check_finite()
+    finite.check()
     synchronize(env.device)
     if timer_start is not None and step - start_step > WARMUP_STEPS:
         state.timed_images += (step - start_step - WARMUP_STEPS) * global_batch
         state.timed_seconds += time.perf_counter() - timer_start
-    state.loss_sum += float(loss_sum_dev.item())
-    state.loss_count += loss_count
+    flush_loss()
     loss_sum, loss_count_all = all_reduce_sum([state.loss_sum, state.loss_count], env)
     metrics = {
         'loss': loss_sum / max(loss_count_all, 1),
         'img_per_sec': state.timed_images / state.timed_seconds if state.timed_seconds > 0 else 0.,
         'timed_images': state.timed_images, 'timed_seconds': state.timed_seconds,
-        'lr': optimizer.param_groups[0]['lr'], 'steps': step,
+        'lr': loop.optimizer.param_groups[0]['lr'], 'steps': step,
     }
     return metrics, num_updates
 
@@ -201,9 +246,8 @@ def evaluate(model, loader, env: DistEnv, amp: Amp, channels_last: bool = False,
     synchronize(env.device)
     seconds = time.perf_counter() - t0 if t0 is not None else 0.
     if env.distributed:
-        s = sums.cpu() if env.backend == 'gloo' else sums
-        dist.all_reduce(s, op=dist.ReduceOp.SUM)
-        sums = s
+        sums = sums.to(_collective_device(env))
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     loss, c1, c5, n = sums.tolist()
     ips = all_reduce_sum([timed / seconds if seconds > 0 else 0.], env)[0]
     if n == 0:

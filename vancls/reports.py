@@ -48,11 +48,11 @@ def write_json(obj: Dict[str, Any], path: str):
 class RunReport:
     """Per-epoch rows (summary.csv and curves.png) and optional TensorBoard scalars."""
 
-    def __init__(self, folder: str, tensorboard: bool = False, resume_rows: bool = True):
+    def __init__(self, folder: str, tensorboard: bool = False):
         self.folder = folder
         self.csv_path = os.path.join(folder, 'summary.csv')
         self.rows: List[Dict[str, Any]] = []
-        if resume_rows and os.path.isfile(self.csv_path):
+        if os.path.isfile(self.csv_path):  # a resumed run continues its table
             with open(self.csv_path) as f:
                 self.rows = [dict(r) for r in csv.DictReader(f)]
         self.tb = None
@@ -78,11 +78,6 @@ class RunReport:
                     self.tb.add_scalar(key.replace('_', '/', 1), float(row[key]), epoch)
             self.tb.flush()
         self.plot()
-
-    def add_step(self, loss: float, lr: float, step: int):
-        if self.tb is not None:
-            self.tb.add_scalar('train/step_loss', loss, step)
-            self.tb.add_scalar('train/step_lr', lr, step)
 
     def plot(self):
         """curves.png: train/eval loss, eval top-1 and learning rate per epoch."""

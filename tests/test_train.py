@@ -29,6 +29,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_digits_reaches_97_and_validate_agrees(digits_dir, tmp_path):
     out = tmp_path / 'out'
     r = run_cli('train.py', digits_dir, *DEMO_ARGS, '--output', out, '--experiment', 'demo', timeout=900)
@@ -56,6 +57,7 @@ def test_digits_reaches_97_and_validate_agrees(digits_dir, tmp_path):
     assert val['num_images'] == 359 and set(val) >= {'top1', 'top5', 'loss', 'img_per_sec', 'num_images'}
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_stay_in_sync(digits_dir, tmp_path):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port', str(_free_port()),
            os.path.join(ROOT, 'train.py'), digits_dir, *FAST_TRAIN_ARGS, '-b', '16', '--epochs', '1',
@@ -82,6 +84,7 @@ def test_ddp_two_processes_stay_in_sync(digits_dir, tmp_path):
     assert abs(v1['top1'] - res['final_top1']) < 1e-9
 
 
+@pytest.mark.slow
 def test_two_nodes_train_together(digits_dir, tmp_path):
     port = _free_port()
     procs = []
@@ -101,6 +104,7 @@ def test_two_nodes_train_together(digits_dir, tmp_path):
     assert not (tmp_path / 'node1' / 'mn' / 'results.json').exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
 def test_amp_steps_on_cpu(digits_dir, tmp_path, dtype):
     r = run_cli('train.py', digits_dir, *FAST_TRAIN_ARGS, '-b', '16', '--epochs', '1', '--max-steps', '3',
@@ -114,7 +118,7 @@ def test_amp_steps_on_cpu(digits_dir, tmp_path, dtype):
 def test_amp_layer_autocast_and_scaler():
     from vancls.device import Amp
     cpu = torch.device('cpu')
-    bf16 = Amp(cpu, enabled=True)
+    bf16 = Amp(cpu, enabled=True, dtype='bfloat16')  # forced: without a dtype it depends on the CPU
     assert bf16.dtype == torch.bfloat16 and not bf16.scaler.is_enabled()
     with bf16.autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
@@ -151,6 +155,7 @@ print(dev, backend, resolve_device_type('auto'))
 '''
 
 
+@pytest.mark.slow
 def test_device_layer_npu_with_stand_in_torch_npu():
     r = subprocess.run([sys.executable, '-c', _FAKE_NPU], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
                        timeout=120)
@@ -190,6 +195,7 @@ print(applied, rss_mib() - before)
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc allocator policy (Linux)')
+@pytest.mark.slow
 def test_cpu_allocator_retain_keeps_freed_blocks():
     """'retain' (what setup_distributed applies on CPU): a freed 64 MiB tensor stays in the process, so the next
     step does not fault its pages in again; 'default' leaves glibc unmapping it, 'release' (benchmark.py's memory
@@ -254,6 +260,7 @@ def test_bad_input_one_line_error(tmp_path, digits_dir, case, expect):
     assert rc != 0 and len(lines) == 1 and lines[0].startswith('error: ') and expect in lines[0], lines
 
 
+@pytest.mark.slow
 def test_bad_config_key_cli_exit_code(tmp_path, digits_dir):
     cfg = tmp_path / 'c.yaml'
     cfg.write_text('not_an_option: 3\n')
@@ -263,6 +270,7 @@ def test_bad_config_key_cli_exit_code(tmp_path, digits_dir):
         f'drop_path)']
 
 
+@pytest.mark.slow
 def test_no_data_dir_uses_digits(tmp_path):
     """`python train.py` with no DATA_DIR writes data/digits (here under a temporary cwd) and trains on it."""
     r = run_cli('train.py', *FAST_TRAIN_ARGS, '-b', '32', '--epochs', '1', '--max-steps', '2', '--workers', '0',

@@ -3,10 +3,12 @@
 A run is started either as a single process or by torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment).
 `--device auto` picks CUDA if available, else an Ascend NPU if torch_npu imports and sees a device, else the CPU.
 Each device type has one process-group backend: cuda -> nccl, npu -> hccl, cpu -> gloo.
+Intra-op threads (on the CPU) and the default loader workers follow each process's share of the CPUs.
 """
 import contextlib
 import datetime
 import importlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -98,6 +100,7 @@ def setup_distributed(requested: str = 'auto', timeout_min: int = 30) -> DistEnv
             tune_cpu_allocator()  # before the model and data allocate; see the section on the CPU allocator
         except ValueError as e:
             raise DeviceError(str(e)) from None
+        set_cpu_threads()
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend, init_method='env://', rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(minutes=timeout_min))
@@ -128,6 +131,66 @@ def peak_memory_mb(device: torch.device) -> float:
         return mod.max_memory_allocated(device) / 2 ** 20
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ------------------------------------------------------------------------------------------ CPU share per process
+# The CPUs of a node are shared by the processes torchrun starts on it (LOCAL_WORLD_SIZE). PyTorch's defaults do
+# not know about the others: each process takes one intra-op thread per core, and a fixed worker count (the
+# reference's 8) starts 8 loader processes per rank even on a 2-core machine, so the processes time-slice the same
+# cores and every step waits for the slowest thread.
+MAX_DEFAULT_WORKERS = 8  # the reference's default; more rarely helps one device and costs memory per worker
+
+
+def cpus_available() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, cpusets, Slurm), else all CPUs of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def processes_per_node() -> int:
+    """LOCAL_WORLD_SIZE as torchrun sets it for each of its processes; 1 for a single process."""
+    value = os.environ.get('LOCAL_WORLD_SIZE', '')
+    if not value:
+        return 1
+    if not value.isdigit() or int(value) < 1:
+        raise DeviceError(f'LOCAL_WORLD_SIZE={value!r}: expected a positive integer (torchrun sets it to the '
+                          'number of processes on this node)')
+    return int(value)
+
+
+def cpus_per_process() -> int:
+    """This process's share of the node's CPUs (0 when there are more processes than CPUs)."""
+    return cpus_available() // processes_per_node()
+
+
+def default_workers() -> int:
+    """Default data loader workers for this process: its CPU share, at most MAX_DEFAULT_WORKERS.
+
+    0 (load in the training process) when the processes outnumber the CPUs: a worker without a CPU of its own
+    cannot overlap with the step, it only adds a process and a copy of every batch through shared memory.
+    An explicit -j / WORKERS= bypasses this.
+    """
+    return min(MAX_DEFAULT_WORKERS, cpus_per_process())
+
+
+def cpu_threads() -> int:
+    """Intra-op threads for a process computing on the CPU: its CPU share, at least 1."""
+    return max(1, cpus_per_process())
+
+
+def set_cpu_threads() -> Optional[int]:
+    """torch.set_num_threads(cpu_threads()) unless OMP_NUM_THREADS is set; returns the count set, or None.
+
+    torchrun sets OMP_NUM_THREADS=1 in each process when it starts more than one and the variable is unset; the
+    launch scripts (test/common.sh) set it to cpu_threads() for their torchrun runs instead.
+    """
+    if os.environ.get('OMP_NUM_THREADS'):
+        return None
+    n = cpu_threads()
+    torch.set_num_threads(n)
+    return n
 
 
 # --------------------------------------------------------------------------------------------- CPU allocator
@@ -195,11 +258,31 @@ def all_reduce_sum(values: list, env: DistEnv) -> list:
     return t.tolist()
 
 
+# CPU features that give native bfloat16 arithmetic, as torch reports them (oneDNN uses them for convolutions and
+# matrix products): (name, torch.cpu function). torch.cpu has these checks since 2.1 and only for x86.
+_CPU_BF16_FEATURES = (('AMX', '_is_amx_tile_supported'), ('AVX512-BF16', '_is_avx512_bf16_supported'))
+
+
+def cpu_native_bf16() -> Optional[str]:
+    """The CPU feature giving native bfloat16 arithmetic ('AMX' | 'AVX512-BF16'), or None: none, or unknown to torch."""
+    for name, check in _CPU_BF16_FEATURES:
+        fn = getattr(torch.cpu, check, None)
+        try:
+            if fn is not None and fn():
+                return name
+        except RuntimeError:  # a build without the CPU feature query
+            continue
+    return None
+
+
 class Amp:
     """The one AMP code path: an autocast context plus loss scaling that is a no-op when disabled.
 
     native: torch.autocast on the device with `dtype` and, for float16, a GradScaler (the role apex O1 played).
     apex:   NVIDIA/Ascend apex.amp O1 (patched functions + dynamic loss scale); only where apex is installed.
+    `--amp` without a dtype on a CPU without native bfloat16 runs float32: there oneDNN emulates bfloat16
+    convolutions and matrix products (converting around float32 arithmetic), which makes the step slower, not faster.
+    `precision` is what the run computes in: 'float32' | 'bfloat16' | 'float16'.
     """
 
     def __init__(self, device: torch.device, enabled: bool = False, dtype: Optional[str] = None, impl: str = 'native'):
@@ -207,12 +290,18 @@ class Amp:
             raise ValueError(f"--amp-impl {impl!r} is not one of: native, apex")
         if dtype is not None and dtype not in AMP_DTYPES:
             raise ValueError(f'--amp-dtype {dtype!r} is not one of: {", ".join(AMP_DTYPES)}')
+        if enabled and device.type == 'cpu' and dtype is None and cpu_native_bf16() is None:
+            logging.getLogger('vancls').info(
+                f'--amp: float32 on this CPU: torch {torch.__version__} reports no native bfloat16 (AMX or '
+                'AVX512-BF16), and emulated bfloat16 is slower than float32 (--amp-dtype bfloat16 forces it)')
+            enabled = False
         self.device = device
         self.enabled = enabled
         self.impl = impl if enabled else 'native'
         # float16 on accelerators (loss scaling needed), bfloat16 on the CPU (float16 CPU kernels are slow/partial).
         self.dtype_name = dtype or ('bfloat16' if device.type == 'cpu' else 'float16')
         self.dtype = AMP_DTYPES[self.dtype_name]
+        self.precision = self.dtype_name if enabled else 'float32'
         self._apex_amp = None
         use_scaler = enabled and self.impl == 'native' and self.dtype == torch.float16
         self.scaler = _make_grad_scaler(device, use_scaler)

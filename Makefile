@@ -1,6 +1,7 @@
 # make setup: create .venv and install requirements.txt
 # make demo:  train van_b0 on the built-in digits set on the CPU (a few minutes), then validate the best checkpoint
-# make test:  the pytest suite (CPU)
+# make test:  the whole pytest suite (CPU)
+# make test-fast: the unit tests only (no subprocess, torchrun or training runs: under 2 minutes)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ DEMO_EXP := digits-demo-$(shell date +%Y%m%d-%H%M%S)
 DEMO_ARGS ?= --model van_b0 --img-size 32 -b 32 --lr 2e-3 --epochs 10 --cooldown-epochs 0 --warmup-epochs 0 --aa none --reprob 0 \
 	--mixup 0 --cutmix 0 --smoothing 0 --hflip 0 --scale 0.6 1 --drop-path 0 --workers 2 --log-interval 20
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo test test-fast clean-demo
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile tests $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -n 2 -m "not slow" tests $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_OUT)/$(DEMO_EXP)

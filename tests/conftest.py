@@ -1,4 +1,5 @@
-"""Shared fixtures: the repo root on sys.path, a session-wide digits ImageFolder tree, and a CLI runner."""
+"""Shared fixtures: a session-wide digits ImageFolder tree and a CLI runner (pytest.ini puts the repo root on
+sys.path)."""
 import os
 import subprocess
 import sys
@@ -6,8 +7,6 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 
 @pytest.fixture(scope='session')

@@ -6,13 +6,12 @@ import sys
 
 import pytest
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
 
-from vancls import benchmark  # noqa: E402
+from conftest import ROOT
+from vancls import benchmark
 
 
+@pytest.mark.slow
 def test_smoke_compare_writes_json(tmp_path, capsys):
     out = tmp_path / 'bench.json'
     report = benchmark.main([
@@ -41,6 +40,7 @@ def test_smoke_compare_writes_json(tmp_path, capsys):
     assert 'van_b0' in table and 'missing:' in table
 
 
+@pytest.mark.slow
 def test_freeze_config_and_allocator_policy(tmp_path):
     """'+freeze' (validate.py --compile's frozen-weight compile) is a compiled inference config with its cold
     compile reported; --malloc retain times it, then memory is measured with blocks returned on free."""
@@ -62,7 +62,8 @@ def test_bad_spec_is_a_clear_error():
         benchmark.main(['--config', 'nhwc+turbo', '--steps', '1'])
 
 
+@pytest.mark.slow
 def test_cli_wrapper_help():
-    res = subprocess.run([sys.executable, os.path.join(_ROOT, 'benchmark.py'), '--help'], capture_output=True,
-                         text=True, cwd=_ROOT, timeout=120)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmark.py'), '--help'], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0 and '--compare' in res.stdout and 'fusedadam' in res.stdout

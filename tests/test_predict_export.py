@@ -5,24 +5,21 @@ One tiny training run (train.py, 3 epochs of van_b0 at 32 px on the built-in dig
 import json
 import os
 import shutil
-import sys
 
 import pytest
 import torch
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import timm
+import models  # noqa: F401  (registers VAN with timm)
+import export
+import predict
+import train
+import validate
+from vancls.checkpoint import load_model_weights, read_checkpoint
+from vancls.config import parse_with_config, run_cli
+from vancls.digits import CLASS_NAMES
 
-import timm  # noqa: E402
-import models  # noqa: E402,F401  (registers VAN with timm)
-import export  # noqa: E402
-import predict  # noqa: E402
-import train  # noqa: E402
-import validate  # noqa: E402
-from vancls.checkpoint import load_model_weights, read_checkpoint  # noqa: E402
-from vancls.config import parse_with_config, run_cli  # noqa: E402
-from vancls.digits import CLASS_NAMES  # noqa: E402
+pytestmark = pytest.mark.slow  # every test here runs training or a subprocess
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -304,6 +304,8 @@ STUB = '''\
 #!{python}
 """Stand-in for the interpreter: records train.py/validate.py launches, writes STUB_RESULTS instead of running."""
 import json, os, sys
+
+pytestmark = pytest.mark.slow  # every test here runs training or a subprocess
 argv = sys.argv[1:]
 entry = next((a for a in argv if a.endswith(('/train.py', '/validate.py'))), None)
 if entry is None:

@@ -1,17 +1,15 @@
 """train.py --log-tensorboard: the event file holds the per-epoch scalars, read back with TensorBoard's own reader."""
 import csv
 import os
-import sys
 
 import pytest
 import torch
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
 
-import train  # noqa: E402
-from vancls.config import parse_with_config  # noqa: E402
+import train
+from vancls.config import parse_with_config
+
+pytestmark = pytest.mark.slow  # every test here runs training or a subprocess
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -27,8 +27,9 @@ van_usage() {
 usage: bash test/$VAN_SCRIPT.sh --data_path=DIR [--device_id=N] [--batch_size=N] [--epochs=N] [--pth_path=FILE] [-- TRAIN_ARGS...]
        bash test/train_eval_8p.sh DATA_PATH CKPT_PATH
 DIR is an ImageFolder root with train/<class>/* and val/<class>/* (or validation/).
-Environment: NPROC MODEL BATCH_SIZE EPOCHS MAX_STEPS IMG_SIZE DEVICE(auto|npu|cuda|cpu) AMP(1|0) WORKERS LR
-DROP_PATH OUTPUT_ROOT PYTHON RESUME MAX_RESTARTS RECOVERY_INTERVAL (see README.md, "Launch scripts")
+Environment: NPROC MODEL BATCH_SIZE EPOCHS MAX_STEPS IMG_SIZE DEVICE(auto|npu|cuda|cpu) AMP(1|0) WORKERS(default:
+the CPUs per process, at most 8) LR DROP_PATH OUTPUT_ROOT PYTHON RESUME MAX_RESTARTS RECOVERY_INTERVAL
+(see README.md, "Launch scripts")
 EOF
 }
 
@@ -131,10 +132,12 @@ van_init() {  # MODE DEFAULT_NPROC ARGS...
     van_check_int "--batch_size/BATCH_SIZE" "$BATCH_SIZE" 1
     NPROC=${NPROC:-$default_nproc}
     van_check_int NPROC "$NPROC" 1
-    WORKERS=${WORKERS:-8}
-    van_check_int WORKERS "$WORKERS" 0
+    # Unset: train.py / validate.py pick the loader workers from the CPUs each process has (vancls.device).
+    [[ -z $WORKERS ]] || van_check_int WORKERS "$WORKERS" 0
     LR=${LR:-1e-3}
     DROP_PATH=${DROP_PATH:-0.1}
+    # AMP=1 stays the default everywhere: --amp is float16 on cuda/npu and, on the CPU, bfloat16 only where the
+    # processor computes it natively (float32 elsewhere); results.json's amp_precision says which ran.
     AMP=${AMP:-1}
     [[ $AMP == 0 || $AMP == 1 ]] || van_die "AMP must be 1 (mixed precision, the default) or 0, got '$AMP'"
     [[ -z $IMG_SIZE ]] || van_check_int IMG_SIZE "$IMG_SIZE" 1
@@ -212,6 +215,14 @@ van_launch() {  # ENTRY.py ARGS...: one process, or torchrun with NPROC processe
         local torchrun
         read -r -a torchrun <<< "${TORCHRUN:-$PYTHON -m torch.distributed.run}"  # = torchrun, same interpreter
         cmd=("${torchrun[@]}" --standalone --nnodes=1 --nproc_per_node="$NPROC")
+        if [[ -z $OMP_NUM_THREADS ]]; then
+            # torchrun would give each process 1 thread; give each its share of the CPUs, as a single process
+            # computes for itself (vancls.device.cpu_threads).
+            OMP_NUM_THREADS=$(cd "$VAN_ROOT" && LOCAL_WORLD_SIZE=$NPROC $PYTHON -c \
+                'from vancls.device import cpu_threads; print(cpu_threads())') \
+                || van_die "$PYTHON cannot import vancls.device to size the threads (set OMP_NUM_THREADS=N)"
+            export OMP_NUM_THREADS
+        fi
         if [[ -n $VAN_MAX_RESTARTS ]]; then
             cmd+=(--max-restarts="$VAN_MAX_RESTARTS")
             # A restarted worker group must not meet the store keys of the group that died: with the store
@@ -241,8 +252,8 @@ van_launch() {  # ENTRY.py ARGS...: one process, or torchrun with NPROC processe
 
 van_run_train() {  # extra train.py arguments for this script
     local args=("$data_path" --model "$MODEL" -b "$BATCH_SIZE" --lr "$LR" --drop-path "$DROP_PATH"
-                --epochs "$EPOCHS" --workers "$WORKERS" --device "$DEVICE_TYPE"
-                --output "$OUTPUT_DIR" --experiment "$VAN_SCRIPT")
+                --epochs "$EPOCHS" --device "$DEVICE_TYPE" --output "$OUTPUT_DIR" --experiment "$VAN_SCRIPT")
+    if [[ -n $WORKERS ]]; then args+=(--workers "$WORKERS"); fi
     if [[ $AMP == 1 ]]; then args+=(--amp); fi
     if [[ -n $IMG_SIZE ]]; then args+=(--img-size "$IMG_SIZE"); fi
     if [[ -n $MAX_STEPS ]]; then args+=(--max-steps "$MAX_STEPS"); fi
@@ -250,8 +261,9 @@ van_run_train() {  # extra train.py arguments for this script
 }
 
 van_run_eval() {
-    local args=("$data_path" --model "$MODEL" --checkpoint "$pth_path" -b "$BATCH_SIZE" --workers "$WORKERS"
-                --device "$DEVICE_TYPE" --results-file "$RESULTS_JSON")
+    local args=("$data_path" --model "$MODEL" --checkpoint "$pth_path" -b "$BATCH_SIZE" --device "$DEVICE_TYPE"
+                --results-file "$RESULTS_JSON")
+    if [[ -n $WORKERS ]]; then args+=(--workers "$WORKERS"); fi
     if [[ $AMP == 1 ]]; then args+=(--amp); fi
     if [[ -n $IMG_SIZE ]]; then args+=(--img-size "$IMG_SIZE"); fi
     van_launch validate.py "${args[@]}"
@@ -283,11 +295,19 @@ if mode != 'perf':
     if not 0 <= acc <= 100:
         sys.exit(f'error: {path}: {keys[1]} is {acc}, outside [0, 100]')
     acc = f'{acc:.3f}'
-print(f'{fps:.2f} {batch * ranks / fps:.4f} {loss:.4f} {acc}')
+# The precision the run computed in (--amp may run float32 on a CPU); results.json from before amp_precision
+# existed has only 'amp' (the autocast dtype, or null when off).
+if 'amp_precision' in r:
+    precision = r['amp_precision']
+else:
+    precision = (r['amp'] or 'float32') if 'amp' in r else 'unknown'
+if not (isinstance(precision, str) and precision.isidentifier()):  # one word on the line that bash reads
+    precision = 'unknown'
+print(f'{fps:.2f} {batch * ranks / fps:.4f} {loss:.4f} {precision} {acc}')
 PY
     ) || van_die "cannot read the results of this run from $RESULTS_JSON"
-    local fps step_time loss acc
-    read -r fps step_time loss acc <<< "$values"
+    local fps step_time loss precision acc
+    read -r fps step_time loss precision acc <<< "$values"
     local e2e=$(( $(date +%s) - VAN_START ))
 
     local case_log=$OUTPUT_DIR/$CaseName.log
@@ -298,6 +318,7 @@ PY
         echo "DeviceType = $(uname -m)"
         echo "Device = $DEVICE_TYPE"
         echo "Model = $MODEL"
+        echo "Precision = $precision"
         echo "CaseName = $CaseName"
         echo "ActualFPS = $fps"
         echo "TrainingTime = $step_time"

@@ -11,12 +11,13 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import train  # noqa: E402
+from vancls import builders  # noqa: E402
 from vancls.config import UsageError, parse_with_config  # noqa: E402
 
 # The reference ImageNet-1K recipe (VAN.md), as train.py option values.
 RECIPE = dict(
-    img_size=224, batch_size=128, opt='adamw', lr=1e-3, weight_decay=0.05, sched='cosine', epochs=300,
-    cooldown_epochs=10, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-6, aa='rand-m9-mstd0.5-inc1', color_jitter=0.4,
+    img_size=224, batch_size=128, opt='adamw', lr_base=1e-3, lr_base_size=1024, lr_base_scale='linear',
+    weight_decay=0.05, sched='cosine', epochs=300, cooldown_epochs=10, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-6, aa='rand-m9-mstd0.5-inc1', color_jitter=0.4,
     reprob=0.25, remode='pixel', mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5, smoothing=0.1,
     train_interpolation='random', hflip=0.5, scale=[0.08, 1.0], seed=42, dist_bn='reduce', eval_metric='top1',
     checkpoint_hist=10, amp=True,
@@ -38,6 +39,8 @@ def test_config_parses_into_train_args(name):
         assert got == pytest.approx(value) if isinstance(value, float) else got == value, (key, got, value)
         assert type(got) is type(value) or (isinstance(value, list) and list(got) == value), (key, type(got))
     assert train.num_total_epochs(args) == 310  # 300 + 10 cooldown, the port's table
+    # lr 1e-3 at the reference's 128 x 8 devices; other global batches get it scaled (tests/test_recipes.py)
+    assert args.lr is None and builders.resolve_lr(args, world_size=8) == (1e-3, 1024, None)
     train.check_args(args)  # model, optimizer and batch checks pass
     # the command line still wins over the file
     assert _parse(['-c', path, 'DATA', '--lr', '5e-4', '--epochs', '2']).lr == 5e-4

@@ -1,6 +1,7 @@
 """Model, optimizer, loss and mixup from the parsed arguments (shared by train.py, validate.py, predict.py, export.py)."""
 import logging
 from types import SimpleNamespace
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,6 +29,8 @@ def create_model(args, num_classes: int, pretrained: bool = False, **extra) -> n
             kwargs[name] = getattr(args, dest)
     if getattr(args, 'in_chans', None):
         kwargs['in_chans'] = args.in_chans
+    if getattr(args, 'head_init_scale', None) is not None:
+        kwargs['head_init_scale'] = args.head_init_scale
     if pretrained and getattr(args, 'pretrained_path', None):
         kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path)
     return timm.create_model(args.model, pretrained=pretrained, **kwargs)
@@ -62,6 +65,54 @@ def create_optimizer(args, model: nn.Module, device: torch.device):
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                momentum=args.momentum, layer_decay=args.layer_decay, **kwargs)
+
+
+# The reference recipe: lr 1e-3 for a global batch of 1024 (128 per device x 8 devices).
+RECIPE_LR, RECIPE_GLOBAL_BATCH = 1e-3, 1024
+
+
+def resolve_lr(args, world_size: int) -> Tuple[float, int, Optional[str]]:
+    """(lr, global batch, warning or None): the learning rate a run uses, with the meaning of timm's train.py.
+
+    global batch = --batch-size (per device) x devices x --grad-accum-steps. An explicit --lr wins. Else --lr-base
+    is scaled by global batch / --lr-base-size (--lr-base-scale linear) or by its square root (sqrt). Else the
+    reference's 1e-3. The warning says when the global batch differs from --lr-base-size (the batch the lr is
+    meant for) and nothing scaled the lr, with both fixes.
+    """
+    global_batch = args.batch_size * world_size * args.grad_accum_steps
+    for flag, value in (('--lr', args.lr), ('--lr-base', args.lr_base)):
+        if value is not None and not value > 0:
+            raise UsageError(f'{flag} must be > 0, got {value}')
+    if args.lr_base_size < 1:
+        raise UsageError(f'--lr-base-size must be >= 1, got {args.lr_base_size}')
+    if args.lr_base_scale not in ('linear', 'sqrt'):
+        raise UsageError(f'--lr-base-scale must be linear or sqrt, got {args.lr_base_scale!r}')
+    if args.lr is None and args.lr_base is not None:
+        ratio = global_batch / args.lr_base_size
+        return args.lr_base * (ratio ** 0.5 if args.lr_base_scale == 'sqrt' else ratio), global_batch, None
+    lr = RECIPE_LR if args.lr is None else args.lr
+    if global_batch == args.lr_base_size:
+        return lr, global_batch, None
+    per_step = args.batch_size * world_size
+    steps = args.lr_base_size // per_step if args.lr_base_size % per_step == 0 else None
+    accum = (f'--grad-accum-steps {steps}' if steps else
+             f'--batch-size and --grad-accum-steps with batch x {world_size} devices x steps = {args.lr_base_size}')
+    drop = ' (without --lr, which wins)' if args.lr is not None else ''
+    warning = (f'global batch {global_batch} differs from the {args.lr_base_size} that lr {lr:g} is meant for '
+               f'(--lr-base-size) and nothing scales the lr: pass --lr-base {lr:g}{drop} to scale it to the global '
+               f'batch, or {accum} to reach {args.lr_base_size}')
+    return lr, global_batch, warning
+
+
+def create_scheduler(args, optimizer):
+    """The per-epoch lr schedule over --epochs; train.py then trains --cooldown-epochs more at the schedule's end
+    value (min lr), as the reference does. step(epoch) is called at the start of each epoch."""
+    from models.timm_compat import create_scheduler as timm_create  # timm 0.4.12 .. 1.x
+    scheduler, _ = timm_create(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs, cooldown_epochs=0,
+        decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
+        step_on_epochs=True)
+    return scheduler
 
 
 def create_mixup(args, num_classes: int):

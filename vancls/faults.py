@@ -2,9 +2,11 @@
 
 VANCLS_FAULT holds one fault: `kill:update=N` (SIGKILL this process right after optimizer update N),
 `kill:save=N` (SIGKILL during the N-th checkpoint write, after the temporary file is written and before it
-replaces the real one), or `nan:update=N` (make the loss of update N non-finite). Optional `:rank=R` limits
-it to one rank. With VANCLS_FAULT_ONCE=PATH the fault fires only if PATH does not exist, and creates it
-first (so a process restarted by torchrun does not fail again). Unset: every check is a dict lookup.
+replaces the real one), `signal:update=N` / `signal:save=N` (the same two points, but a catchable signal,
+`:sig=NAME` with NAME one of TERM (default), INT, USR1, ...: what a scheduler sends, at an exact position), or
+`nan:update=N` (make the loss of update N non-finite). Optional `:rank=R` limits it to one rank. With
+VANCLS_FAULT_ONCE=PATH the fault fires only if PATH does not exist, and creates it first (so a process restarted
+by torchrun does not fail again). Unset: every check is a dict lookup.
 """
 import os
 import signal
@@ -18,8 +20,9 @@ def _parse():
         return None
     kind, _, rest = spec.partition(':')
     fields = dict(item.split('=', 1) for item in rest.split(':') if '=' in item)
-    if kind not in ('kill', 'nan') or not ({'update', 'save'} & set(fields)):
-        raise ValueError(f'VANCLS_FAULT={spec!r}: expected kill:update=N, kill:save=N or nan:update=N [:rank=R]')
+    if kind not in ('kill', 'signal', 'nan') or not ({'update', 'save'} & set(fields)):
+        raise ValueError(f'VANCLS_FAULT={spec!r}: expected kill:update=N, kill:save=N, signal:update=N, '
+                         f'signal:save=N [:sig=TERM|INT|USR1|...] or nan:update=N [:rank=R]')
     return kind, fields
 
 
@@ -34,10 +37,22 @@ def _fire(fields) -> bool:
     return True
 
 
-def after_update(num_updates: int):
+def _send(where: str, count: int):
+    """SIGKILL (kill:) or the named catchable signal (signal:) to this process when `where`=N matches."""
     fault = _parse()
-    if fault and fault[0] == 'kill' and int(fault[1].get('update', -1)) == num_updates and _fire(fault[1]):
+    if not fault or fault[0] not in ('kill', 'signal') or int(fault[1].get(where, -1)) != count:
+        return
+    if not _fire(fault[1]):
+        return
+    if fault[0] == 'kill':
         os.kill(os.getpid(), signal.SIGKILL)
+    else:
+        name = fault[1].get('sig', 'TERM').upper()
+        os.kill(os.getpid(), getattr(signal, name if name.startswith('SIG') else f'SIG{name}'))
+
+
+def after_update(num_updates: int):
+    _send('update', num_updates)
 
 
 def nan_loss(num_updates: int) -> bool:
@@ -50,6 +65,4 @@ def nan_loss(num_updates: int) -> bool:
 def during_save():
     global _saves
     _saves += 1
-    fault = _parse()
-    if fault and fault[0] == 'kill' and int(fault[1].get('save', -1)) == _saves and _fire(fault[1]):
-        os.kill(os.getpid(), signal.SIGKILL)
+    _send('save', _saves)

@@ -11,7 +11,7 @@ import sys
 import torch
 
 from models.fast_ops import compile_inference
-from vancls import builders
+from vancls import builders, reference_compat
 from vancls.checkpoint import checkpoint_meta, load_model_weights, read_checkpoint
 from vancls.config import UsageError, add_options, new_parser, run_cli
 from vancls.data import build_datasets, build_loader
@@ -27,10 +27,11 @@ def get_args_parser():
     add_options(p, 'model', 'checkpoint', 'input', 'loader', 'speed', 'device')
     p.add_argument('--fuse', action='store_true', help='fold BatchNorm and layer scale (inference-only model)')
     p.add_argument('--results-file', default='', help='write the metrics as JSON here')
-    return p
+    return reference_compat.add_reference_options(p, 'validate')
 
 
 def main(args):
+    reference_compat.apply_reference_options(args, 'validate')
     if not (args.checkpoint or args.pretrained):
         raise UsageError('give --checkpoint PATH (or --pretrained for the official weights)')
     env = setup_distributed(args.device)
@@ -66,7 +67,7 @@ def _validate(args, env):
     # Evaluation uses the train-time options the dataset builder expects, with no augmentation.
     args.train_split, args.validation_batch_size = 'train', args.batch_size
     data_config = builders.resolve_data_config(args)
-    use_prefetcher = env.device.type != 'cpu' and args.dataset != 'synthetic'
+    use_prefetcher = env.device.type != 'cpu' and args.dataset != 'synthetic' and not args.no_prefetcher
     if args.dataset != 'synthetic' and not os.path.isdir(args.data_dir):
         raise UsageError(f'data directory not found: {args.data_dir}')
     # Our checkpoints carry their class names: evaluate in that order (the folders must hold the same classes).
@@ -74,6 +75,7 @@ def _validate(args, env):
                                              class_names=None if args.class_map else meta['class_names'])
     num_classes = args.num_classes or meta['num_classes'] or len(data_classes)
     model = build_eval_model(args, env, num_classes, ckpt)
+    model, finish_reference = reference_compat.eval_model(args, model, val_ds, env, num_classes)
     workers = default_workers() if args.workers is None else args.workers
     loader, _ = build_loader(val_ds, args.batch_size, env, is_training=False, workers=workers, seed=args.seed,
                              use_prefetcher=use_prefetcher, data_config=data_config, pin_memory=args.pin_mem)
@@ -82,6 +84,7 @@ def _validate(args, env):
                'loss': metrics['loss'], 'img_per_sec': metrics['img_per_sec'], 'num_images': metrics['num_images'],
                'bad_images': len(val_ds.bad_files), 'device': env.device.type, 'world_size': env.world_size,
                'use_ema': args.use_ema, 'amp_precision': amp.precision}
+    finish_reference(results)  # --real-labels: top1/top5 become the ReaL accuracies
     if env.is_main:
         logger.info(json.dumps(results, indent=2))
         if args.results_file:

@@ -29,8 +29,9 @@ run() {  # REP CONFIG ENV...: one scaled-down performance run; appends a line to
     shift 2
     local root=$OUT/$config-$rep
     rm -rf -- "$root"
-    if ! env -u AMP -u WORKERS -u OMP_NUM_THREADS -u NPROC -u EPOCHS -u LR -u DROP_PATH \
-            MODEL=van_b0 IMG_SIZE=32 BATCH_SIZE=32 DEVICE=cpu NPROC=1 MAX_STEPS=15 PYTHON="$PY" OUTPUT_ROOT="$root" "$@" \
+    if ! env -u AMP -u WORKERS -u OMP_NUM_THREADS -u LR -u DROP_PATH -u TORCHRUN \
+            MODEL=van_b0 IMG_SIZE=32 BATCH_SIZE=32 DEVICE=cpu NPROC=1 MAX_STEPS=15 \
+            PYTHON="$PY" OUTPUT_ROOT="$root" "$@" \
             bash test/train_performance_1p.sh --data_path="$DIGITS" > "$root.log" 2>&1; then
         echo "run $config #$rep failed (log: $root.log)" >&2
         return

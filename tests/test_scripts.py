@@ -26,6 +26,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here runs a launch script in a subprocess
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, 'test')
 DIGITS = os.path.join(ROOT, 'data', 'digits')
@@ -304,8 +306,6 @@ STUB = '''\
 #!{python}
 """Stand-in for the interpreter: records train.py/validate.py launches, writes STUB_RESULTS instead of running."""
 import json, os, sys
-
-pytestmark = pytest.mark.slow  # every test here runs training or a subprocess
 argv = sys.argv[1:]
 entry = next((a for a in argv if a.endswith(('/train.py', '/validate.py'))), None)
 if entry is None:

@@ -17,10 +17,10 @@ from vancls.config import UsageError, parse_with_config  # noqa: E402
 # The reference ImageNet-1K recipe (VAN.md), as train.py option values.
 RECIPE = dict(
     img_size=224, batch_size=128, opt='adamw', lr_base=1e-3, lr_base_size=1024, lr_base_scale='linear',
-    weight_decay=0.05, sched='cosine', epochs=300, cooldown_epochs=10, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-6, aa='rand-m9-mstd0.5-inc1', color_jitter=0.4,
-    reprob=0.25, remode='pixel', mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5, smoothing=0.1,
-    train_interpolation='random', hflip=0.5, scale=[0.08, 1.0], seed=42, dist_bn='reduce', eval_metric='top1',
-    checkpoint_hist=10, amp=True,
+    weight_decay=0.05, sched='cosine', epochs=300, cooldown_epochs=10, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-6,
+    aa='rand-m9-mstd0.5-inc1', color_jitter=0.4, reprob=0.25, remode='pixel', mixup=0.8, cutmix=1.0,
+    mixup_switch_prob=0.5, smoothing=0.1, train_interpolation='random', hflip=0.5, scale=[0.08, 1.0], seed=42,
+    dist_bn='reduce', eval_metric='top1', checkpoint_hist=10, amp=True,
 )
 DROP_PATH = {'van_b0': 0.1, 'van_b1': 0.1, 'van_b2': 0.1, 'van_b3': 0.2}
 

@@ -160,3 +160,164 @@ def test_weights_do_not_depend_on_the_input_size():
     with torch.no_grad():
         for size in (32, 48, 224, 384):
             assert model(torch.randn(1, 3, size, size)).shape == (1, 3)
+
+
+# ----------------------------------------------------------------------------------- runs on the digits set
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _train_cmd(digits_dir, out, name, *extra):
+    return [os.path.join(ROOT, 'train.py'), digits_dir, *FAST_TRAIN_ARGS, '--epochs', '1', '--max-steps', '2',
+            '--workers', '0', '--no-eval', '--output', str(out), '--experiment', name, *extra]
+
+
+def _logged_lr(stdout):
+    m = re.search(r'^Global batch (\d+) .*, lr (\S+)$', stdout, re.M)
+    assert m, stdout[-3000:]
+    return int(m.group(1)), float(m.group(2))
+
+
+@pytest.mark.slow
+def test_one_and_two_processes_with_equal_global_batch(digits_dir, tmp_path):
+    """1 process x 16 x 2 accumulation steps and 2 processes (gloo) x 16: global batch 32 in both. With --lr-base the
+    logged lr is the same (1e-3 x 32 / 1024); without it the warning names both fixes."""
+    env = cli_env(OMP_NUM_THREADS=1)
+    runs = {}
+    for scaled in (True, False):
+        lr_args = ['--lr-base', '1e-3'] if scaled else []
+        one = subprocess.run([sys.executable, *_train_cmd(digits_dir, tmp_path, f'one{scaled}', '-b', '16',
+                                                          '--grad-accum-steps', '2', *lr_args)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port',
+                              str(_free_port()), *_train_cmd(digits_dir, tmp_path, f'two{scaled}', '-b', '16',
+                                                             *lr_args)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+        runs[scaled] = one.stdout, two.stdout
+        for name, world in ((f'one{scaled}', 1), (f'two{scaled}', 2)):
+            with open(tmp_path / name / 'results.json') as f:
+                res = json.load(f)
+            assert (res['global_batch'], res['world_size']) == (32, world)
+    for stdout in runs[True]:
+        assert _logged_lr(stdout) == (32, pytest.approx(1e-3 * 32 / 1024))
+        assert 'warning: global batch' not in stdout
+    for stdout in runs[False]:
+        assert _logged_lr(stdout) == (32, 1e-3)
+        warning = re.search(r'^warning: global batch 32 .*$', stdout, re.M)
+        assert warning and '--lr-base 0.001' in warning.group(0) and '--grad-accum-steps' in warning.group(0)
+        assert stdout.count('warning: global batch') == 1  # rank 0 only
+
+
+@pytest.fixture(scope='module')
+def digits_ckpt(tmp_path_factory, digits_dir):
+    """A 10-class van_b0 trained briefly on the digits at 32 px (checkpoint with class names)."""
+    out = tmp_path_factory.mktemp('recipes')
+    r = run_cli('train.py', digits_dir, *FAST_TRAIN_ARGS, '--epochs', '1', '--max-steps', '8', '-b', '32',
+                '--lr', '2e-3', '--workers', '0', '--output', out, '--experiment', 'digits', env=cli_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    return os.path.join(out, 'digits', 'last.pth.tar')
+
+
+@pytest.mark.slow
+def test_finetune_config_end_to_end_at_another_resolution(digits_ckpt, digits_dir, tmp_path):
+    """The 384 px fine-tuning config, scaled down: 10-class 32 px weights -> a 5-class model at 48 px, the new head
+    initialized at 0.001 x, the backbone from the checkpoint."""
+    five = tmp_path / 'five'
+    for split in ('train', 'val'):
+        for cls in sorted(os.listdir(os.path.join(digits_dir, split)))[:5]:
+            shutil.copytree(os.path.join(digits_dir, split, cls), five / split / cls)
+    r = run_cli('train.py', five, '-c', os.path.join(CONFIGS, 'van_b2_ft384.yaml'), '--model', 'van_b0',
+                '--img-size', '48', '--initial-checkpoint', digits_ckpt, '-b', '16', '--epochs', '1', '--max-steps',
+                '3', '--aa', 'none', '--reprob', '0', '--device', 'cpu', '--workers', '0',
+                '--output', tmp_path, '--experiment', 'ft', env=cli_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _logged_lr(r.stdout) == (16, pytest.approx(5e-5 * 16 / 512))  # lr_base of the config, scaled
+    with open(tmp_path / 'ft' / 'results.json') as f:
+        res = json.load(f)
+    assert res['num_classes'] == 5 and res['final_top1'] is not None
+    with open(tmp_path / 'ft' / 'args.yaml') as f:
+        saved = f.read()
+    assert 'img_size: 48' in saved and 'head_init_scale: 0.001' in saved and 'mixup: 0.0' in saved
+    before = torch.load(digits_ckpt, map_location='cpu', weights_only=True)['state_dict']
+    after = torch.load(tmp_path / 'ft' / 'last.pth.tar', map_location='cpu', weights_only=True)['state_dict']
+    assert after['head.weight'].shape == (5, 256) and before['head.weight'].shape == (10, 256)
+    # 3 AdamW steps at lr ~1.6e-6 move a weight by < 1e-5: the backbone is the checkpoint's, and the head is at
+    # the 0.001 x scale (a head at the usual scale has |w| up to ~0.04, trunc_normal std .02)
+    assert torch.allclose(before['patch_embed1.proj.weight'], after['patch_embed1.proj.weight'], atol=1e-4)
+    assert after['head.weight'].abs().max() < 1e-4 and after['head.bias'].abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_trained_at_32_evaluates_at_48(digits_ckpt, digits_dir):
+    """Evaluating at another resolution needs no conversion: validate.py at 48 px on 32 px weights."""
+    import validate
+    common = [digits_dir, '--checkpoint', digits_ckpt, '--workers', '0', '--device', 'cpu']
+    at = {size: validate.main(parse_with_config(validate.get_args_parser(), common + ['--img-size', str(size)]))
+          for size in (32, 48)}
+    assert at[32]['num_images'] == at[48]['num_images'] == 359
+    assert math.isfinite(at[48]['loss']) and at[48]['loss'] != at[32]['loss']  # other inputs, same weights
+    _, _, data_config = builders.load_trained_model(parse_with_config(validate.get_args_parser(),
+                                                                      common + ['--img-size', '48']))
+    assert data_config['input_size'] == (3, 48, 48)
+
+
+# ------------------------------------------------------------------------------------- sharing as timm does
+
+@pytest.mark.slow
+def test_timm_folder_round_trip(digits_ckpt, digits_dir, tmp_path):
+    import timm
+    import models  # noqa: F401 - registers VAN with timm
+    folder = tmp_path / 'van_digits'
+    r = run_cli('export.py', '--checkpoint', digits_ckpt, '--format', 'timm', '--output', folder, env=cli_env())
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert sorted(os.listdir(folder)) == ['config.json', 'model.safetensors']
+    assert not [f for f in os.listdir(tmp_path) if f.startswith('.')]  # no temporaries left
+    with open(folder / 'config.json') as f:
+        cfg = json.load(f)
+    names = [str(d) for d in range(10)]
+    assert cfg['architecture'] == 'van_b0' and cfg['num_classes'] == 10 and cfg['label_names'] == names
+    pcfg = cfg['pretrained_cfg']
+    assert pcfg['input_size'] == [3, 32, 32] and pcfg['crop_pct'] == 0.9 and len(pcfg['mean']) == 3
+
+    ckpt = torch.load(digits_ckpt, map_location='cpu', weights_only=True)
+    ours = timm.create_model('van_b0', num_classes=10)
+    ours.load_state_dict(ckpt['state_dict'])
+    shared = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    assert list(shared.pretrained_cfg['label_names']) == list(ckpt['class_names']) == names
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x), shared.eval()(x))
+
+    # predict.py classifies with the folder: its class names and its input size
+    image = next(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(digits_dir, 'val', '7')) for f in fs)
+    r = run_cli('predict.py', image, '--model', f'local-dir:{folder}', '--json', '--device', 'cpu', env=cli_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out['model'] == 'van_b0' and out['input_size'] == [3, 32, 32]
+    assert {t['class'] for t in out['predictions'][0]['topk']} <= set(names)
+
+    # a second export replaces the folder; a folder that is not an export is refused
+    r = run_cli('export.py', '--checkpoint', digits_ckpt, '--format', 'timm', '--output', folder, env=cli_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    (tmp_path / 'other').mkdir()
+    (tmp_path / 'other' / 'notes.txt').write_text('mine')
+    r = run_cli('export.py', '--checkpoint', digits_ckpt, '--format', 'timm', '--output', tmp_path / 'other',
+                env=cli_env())
+    assert r.returncode == 2 and 'not an empty folder' in r.stderr and (tmp_path / 'other' / 'notes.txt').exists()
+
+
+@pytest.mark.slow
+def test_push_to_hub_offline_fails_first_with_one_line(digits_ckpt, tmp_path):
+    folder = tmp_path / 'hub'
+    r = run_cli('export.py', '--checkpoint', digits_ckpt, '--format', 'timm', '--output', folder, '--push-to-hub',
+                'someone/van-digits', env=cli_env(HF_HUB_OFFLINE=1))
+    assert r.returncode == 1 and not folder.exists() and 'timm folder check' not in r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: --push-to-hub') and 'HF_HUB_OFFLINE' in lines[0]
+    r = run_cli('export.py', '--checkpoint', digits_ckpt, '--format', 'onnx', '--output', tmp_path / 'm.onnx',
+                '--push-to-hub', 'someone/van-digits', env=cli_env())
+    assert r.returncode == 2 and '--format timm' in r.stderr

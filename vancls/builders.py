@@ -1,5 +1,7 @@
 """Model, optimizer, loss and mixup from the parsed arguments (shared by train.py, validate.py, predict.py, export.py)."""
+import json
 import logging
+import os
 from types import SimpleNamespace
 from typing import Optional, Tuple
 
@@ -108,10 +110,11 @@ def create_scheduler(args, optimizer):
     """The per-epoch lr schedule over --epochs; train.py then trains --cooldown-epochs more at the schedule's end
     value (min lr), as the reference does. step(epoch) is called at the start of each epoch."""
     from models.timm_compat import create_scheduler as timm_create  # timm 0.4.12 .. 1.x
+    from .reference_compat import scheduler_options
     scheduler, _ = timm_create(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs, cooldown_epochs=0,
         decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
-        step_on_epochs=True)
+        step_on_epochs=True, **scheduler_options(args))  # the reference's --lr-noise, --lr-k-decay, ...
     return scheduler
 
 
@@ -133,7 +136,8 @@ def create_train_loss(args, mixup_active: bool) -> nn.Module:
             BinaryCrossEntropy = binary_cross_entropy_cls()
         except ValueError as e:
             raise UsageError(str(e)) from None
-        return BinaryCrossEntropy(smoothing=0. if mixup_active else args.smoothing)
+        return BinaryCrossEntropy(smoothing=0. if mixup_active else args.smoothing,
+                                  target_threshold=getattr(args, 'bce_target_thresh', None))
     if mixup_active:
         return SoftTargetCrossEntropy()  # smoothing is already in mixup's targets
     if args.smoothing:
@@ -141,30 +145,71 @@ def create_train_loss(args, mixup_active: bool) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def resolve_data_config(args) -> dict:
-    """Input size, interpolation, mean/std and crop_pct: command line first, then the model's pretrained_cfg."""
+def resolve_data_config(args, pretrained_cfg: Optional[dict] = None) -> dict:
+    """Input size, interpolation, mean/std and crop_pct: command line first, then `pretrained_cfg` (default: the
+    model's)."""
     from models.timm_compat import resolve_data_config as timm_resolve  # timm 0.4.12 .. 1.x
     from models.van import default_cfgs
-    check_model_name(args.model)
+    if pretrained_cfg is None:
+        check_model_name(args.model)
+        pretrained_cfg = default_cfgs[args.model]
     cfg_args = {k: getattr(args, k, None) for k in ('input_size', 'img_size', 'crop_pct', 'mean', 'std',
                                                     'interpolation', 'in_chans')}
-    return timm_resolve(cfg_args, pretrained_cfg=dict(default_cfgs[args.model]))
+    return timm_resolve(cfg_args, pretrained_cfg=dict(pretrained_cfg))
 
 
 # Data options that default to the values the model was trained with (saved in our checkpoints' `args`).
 _DATA_KEYS = ('input_size', 'img_size', 'crop_pct', 'mean', 'std', 'interpolation')
 
 
+# timm's prefix for a model folder shared as timm does (export.py --format timm): --model local-dir:DIR
+LOCAL_DIR = 'local-dir:'
+
+
+def _load_local_dir(args):
+    """load_trained_model for --model local-dir:DIR: timm.create_model('local-dir:DIR', pretrained=True) builds the
+    model from DIR/config.json and loads DIR/model.safetensors; class names are its label_names."""
+    import timm
+    from .data import load_class_map
+    folder = args.model[len(LOCAL_DIR):]
+    cfg_file = os.path.join(folder, 'config.json')
+    if not os.path.isfile(cfg_file):
+        raise UsageError(f'--model {args.model}: {cfg_file} not found (expected a folder written by '
+                         f'export.py --format timm)')
+    if args.checkpoint or args.pretrained:
+        raise UsageError(f'--model {args.model} holds its weights: drop --checkpoint / --pretrained')
+    try:
+        with open(cfg_file) as f:
+            arch = json.load(f)['architecture']
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f'{cfg_file}: not a timm model config (no "architecture")') from None
+    check_model_name(arch)
+    model = timm.create_model(args.model, pretrained=True).eval()
+    cfg = dict(model.pretrained_cfg)
+    names = load_class_map(args.class_map) if getattr(args, 'class_map', '') else cfg.get('label_names')
+    names = [str(c) for c in names] if names else [str(i) for i in range(model.num_classes)]
+    if len(names) != model.num_classes:
+        raise UsageError(f'{len(names)} class names for a model with {model.num_classes} classes')
+    data_args = {k: getattr(args, k, None) for k in _DATA_KEYS}
+    data_args = {k: v for k, v in data_args.items() if v not in (None, '')}
+    data_config = resolve_data_config(SimpleNamespace(**data_args), pretrained_cfg=cfg)
+    return model, {'model': arch, 'num_classes': model.num_classes, 'data_args': data_args,
+                   'class_names': names}, data_config
+
+
 def load_trained_model(args):
-    """(model in eval mode on the CPU, meta, data_config) from --checkpoint / --pretrained and the data options,
-    for the inference CLIs (predict.py, export.py).
+    """(model in eval mode on the CPU, meta, data_config) from --checkpoint / --pretrained / --model local-dir:DIR
+    and the data options, for the inference CLIs (predict.py, export.py).
 
     meta: model (name), num_classes, class_names (list of str, or indices as str when the file has none), and
     data_args, the data options used (the command line's, else the checkpoint's training values).
     """
     from .data import load_class_map
+    if (args.model or '').startswith(LOCAL_DIR):
+        return _load_local_dir(args)
     if not (args.checkpoint or args.pretrained):
-        raise UsageError('give --checkpoint PATH (or --pretrained for the official weights)')
+        raise UsageError('give --checkpoint PATH (or --pretrained for the official weights, or --model '
+                         'local-dir:DIR for a folder of export.py --format timm)')
     ckpt = read_checkpoint(args.checkpoint, args.trust_checkpoint) if args.checkpoint else None
     meta = checkpoint_meta(ckpt)
     name = args.model or meta['arch']

@@ -41,6 +41,8 @@ def get_args_parser():
     g.add_argument('--drop', type=float, default=0.0, help='MLP dropout (drop_rate)')
     g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
     g.add_argument('--grad-checkpointing', action='store_true', help='recompute activations per block')
+    g.add_argument('--head-init-scale', type=float, default=None,
+                   help='scale the new classifier head\'s initial weight and bias (fine-tuning: 0.001; default 1)')
     g = p.add_argument_group('optimizer')
     g.add_argument('--opt', default='adamw', help='any timm optimizer name')
     g.add_argument('--opt-eps', type=float, default=None)
@@ -54,7 +56,15 @@ def get_args_parser():
     g.add_argument('--layer-decay', type=float, default=None)
     g = p.add_argument_group('schedule')
     g.add_argument('--sched', default='cosine')
-    g.add_argument('--lr', type=float, default=1e-3)
+    g.add_argument('--lr', type=float, default=None,
+                   help='learning rate; wins over --lr-base (default: scaled from --lr-base, else 1e-3, the '
+                        'reference\'s for a global batch of 1024)')
+    g.add_argument('--lr-base', type=float, default=None,
+                   help='lr for a global batch of --lr-base-size, scaled to this run\'s global batch '
+                        '(per device x devices x --grad-accum-steps), as timm\'s train.py does')
+    g.add_argument('--lr-base-size', type=int, default=1024, help='the global batch --lr-base is meant for')
+    g.add_argument('--lr-base-scale', default='linear', choices=('linear', 'sqrt'),
+                   help='scale --lr-base by the batch ratio (linear) or its square root (sqrt)')
     g.add_argument('--warmup-lr', type=float, default=1e-6)
     g.add_argument('--min-lr', type=float, default=1e-5 / 10)
     g.add_argument('--epochs', type=int, default=300)
@@ -237,11 +247,15 @@ def wrap_model(model, args, env):
 
 def setup(args, env) -> Run:
     """Build everything a run needs: output folder, data, model, optimizer, schedule, EMA, loaders."""
-    from models.timm_compat import create_scheduler  # timm 0.4.12 .. 1.x
     from timm.utils import ModelEmaV2, random_seed
 
     args.data_dir = resolve_data_dir(args.data_dir) if args.dataset != 'synthetic' else args.data_dir
+    args.lr, global_batch, lr_warning = builders.resolve_lr(args, env.world_size)
     out_dir, logger = setup_output(args, env)
+    logger.info(f'Global batch {global_batch} ({args.batch_size} per device x {env.world_size} devices x '
+                f'{args.grad_accum_steps} accumulation steps), lr {args.lr:g}')
+    if lr_warning and env.is_main:
+        logger.warning(f'warning: {lr_warning}')
     random_seed(args.seed, env.rank)  # python, numpy and torch: mixup draws from numpy, drop path from torch
     amp = Amp(env.device, enabled=args.amp, dtype=args.amp_dtype, impl=args.amp_impl)
     use_prefetcher = env.device.type != 'cpu' and args.dataset != 'synthetic'
@@ -253,10 +267,7 @@ def setup(args, env) -> Run:
     optimizer = builders.create_optimizer(args, model, env.device)
     model, optimizer = amp.attach_apex(model, optimizer)
     mixup_fn = builders.create_mixup(args, model.num_classes)
-    lr_scheduler, _ = create_scheduler(
-        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        cooldown_epochs=0, decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
-        warmup_epochs=args.warmup_epochs, step_on_epochs=True)
+    lr_scheduler = builders.create_scheduler(args, optimizer)
 
     workers = default_workers() if args.workers is None else args.workers
     loader_args = dict(workers=workers, seed=args.seed, use_prefetcher=use_prefetcher, data_config=data_config,

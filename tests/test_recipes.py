@@ -321,3 +321,19 @@ def test_push_to_hub_offline_fails_first_with_one_line(digits_ckpt, tmp_path):
     r = run_cli('export.py', '--checkpoint', digits_ckpt, '--format', 'onnx', '--output', tmp_path / 'm.onnx',
                 '--push-to-hub', 'someone/van-digits', env=cli_env())
     assert r.returncode == 2 and '--format timm' in r.stderr
+
+
+def test_unreachable_hub_is_one_line_before_any_work(monkeypatch):
+    import export
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+    local = 'http:' + '//127.0.0.1:1'  # split: no address in this file (tests/test_configs_urls.py); port 1: closed
+    monkeypatch.setattr(constants, 'ENDPOINT', local)
+    with pytest.raises(export.HubError, match='cannot reach ' + re.escape(local)) as e:
+        export.check_hub_access('someone/van-digits', timeout=2)
+    assert '\n' not in str(e.value)
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    with pytest.raises(export.HubError, match='HF_HUB_OFFLINE'):
+        export.check_hub_access('someone/van-digits')
+    with pytest.raises(UsageError, match='USER/NAME'):
+        export.check_hub_access('not a repo id')

@@ -7,8 +7,9 @@ Tested with timm 0.4.12 (tests/test_model.py, tests/test_train*.py, tests/test_t
 What differs, and where it is used:
   * `timm.layers` (0.9+) vs `timm.models.layers`                          models/van.py
   * `build_model_with_cfg(..., pretrained_cfg via kwargs)` (0.6+) vs `(..., default_cfg)` in timm.models.helpers,
-    and `pretrained_cfg_overlay` (consumed by timm.create_model in 0.9+, passed to the model fn before)
-                                                                          models/van.py
+    `pretrained_cfg_overlay` (consumed by timm.create_model in 0.9+, passed to the model fn before), and
+    pretrained weights from a `file` (0.9+; URL only before)                models/van.py
+  * `feature_take_indices` (1.x; no forward_intermediates API before)    models/van.py
   * `resolve_data_config(args, pretrained_cfg=)` vs `(args, default_cfg=)`, `in_chans` vs `chans`
                                                                           vancls/builders.py
   * `create_scheduler_v2` (0.5.5+) vs `create_scheduler(args, optimizer)`   train.py
@@ -18,6 +19,8 @@ What differs, and where it is used:
   * `BinaryCrossEntropy` (0.5+)                                           vancls/builders.py
   * `PrefetchLoader(..., channels=, device=)` vs a CUDA-only PrefetchLoader          vancls/data.py
 """
+import argparse
+import contextlib
 import inspect
 import warnings
 from types import SimpleNamespace
@@ -43,9 +46,9 @@ with warnings.catch_warnings():
     except ImportError:  # timm 0.4 - 0.8
         from timm.models.helpers import build_model_with_cfg
 
-__all__ = ['DropPath', 'trunc_normal_', 'register_model', 'build_model', 'resolve_data_config', 'create_scheduler',
-           'create_optimizer', 'list_optimizers', 'create_mixup', 'binary_cross_entropy_cls', 'prefetch_loader',
-           'LEGACY_BUILD']
+__all__ = ['DropPath', 'trunc_normal_', 'register_model', 'build_model', 'feature_take_indices',
+           'reference_checkpoint_globals', 'resolve_data_config', 'create_scheduler', 'create_optimizer',
+           'list_optimizers', 'create_mixup', 'binary_cross_entropy_cls', 'prefetch_loader', 'LEGACY_BUILD']
 
 
 def _params(fn: Callable) -> set:
@@ -58,24 +61,77 @@ def _params(fn: Callable) -> set:
 # timm 0.4/0.5 take the model's config as the positional `default_cfg` and know nothing of pretrained_cfg.
 LEGACY_BUILD = 'default_cfg' in _params(build_model_with_cfg)
 
+try:  # timm 1.x: the index helper of forward_intermediates / prune_intermediate_layers
+    from timm.models._features import feature_take_indices
+except ImportError:  # older timm has no forward_intermediates API
+    feature_take_indices = None
 
-def build_model(model_cls: type, variant: str, default_cfg: Dict[str, Any], feature_cfg: Optional[dict] = None,
-                pretrained_filter_fn: Optional[Callable] = None, **kwargs) -> nn.Module:
-    """build_model_with_cfg without loading weights; `model.pretrained_cfg` is a dict-like config on every timm.
 
-    `pretrained_cfg_overlay` (a dict) is applied to the config when timm did not already do it.
+@contextlib.contextmanager
+def reference_checkpoint_globals():
+    """Let torch.load(weights_only=True) accept the one harmless non-tensor type of timm-saver checkpoints (the
+    reference's and the official files): argparse.Namespace under `args`. timm 1.x allows it for local files
+    itself, not for URLs. Torch without safe_globals (< 2.5) loads as it would without this."""
+    safe_globals = getattr(torch.serialization, 'safe_globals', None)
+    with (safe_globals([argparse.Namespace]) if safe_globals is not None else contextlib.nullcontext()):
+        yield
+
+
+def build_model(model_cls: type, variant: str, default_cfg: Dict[str, Any], pretrained: bool = False,
+                feature_cfg: Optional[dict] = None, pretrained_filter_fn: Optional[Callable] = None,
+                **kwargs) -> nn.Module:
+    """timm's build_model_with_cfg on every timm; `model.pretrained_cfg` is a dict-like config on every timm.
+
+    Pretrained weights are loaded by timm (the URL, or `pretrained_cfg_overlay=dict(file=PATH)`), which filters
+    them with `pretrained_filter_fn`, adapts the input conv to `in_chans` and drops the classifier when
+    `num_classes` differs from the config's. timm < 0.6 cannot load a `file`: `_load_file_legacy` does the same
+    steps there.
     """
     if not LEGACY_BUILD:  # timm >= 0.9 applies pretrained_cfg_overlay itself
-        return build_model_with_cfg(model_cls, variant, pretrained=False, pretrained_filter_fn=pretrained_filter_fn,
-                                    feature_cfg=feature_cfg, **kwargs)
+        with reference_checkpoint_globals():
+            return build_model_with_cfg(model_cls, variant, pretrained=pretrained,
+                                        pretrained_filter_fn=pretrained_filter_fn, feature_cfg=feature_cfg, **kwargs)
     overlay = kwargs.pop('pretrained_cfg_overlay', None)
     cfg = dict(default_cfg, **(overlay or {}))
     cfg.setdefault('architecture', variant)
     kwargs.pop('pretrained_cfg', None)
-    model = build_model_with_cfg(model_cls, variant, False, default_cfg=cfg, feature_cfg=feature_cfg,
-                                 pretrained_filter_fn=pretrained_filter_fn, **kwargs)
+    from_file = pretrained and bool(cfg.get('file'))
+    if from_file and kwargs.get('features_only'):
+        raise ValueError('features_only=True with a pretrained file needs timm >= 0.9 (this is timm 0.4/0.5)')
+    with reference_checkpoint_globals():
+        model = build_model_with_cfg(model_cls, variant, pretrained and not from_file, default_cfg=cfg,
+                                     feature_cfg=feature_cfg, pretrained_filter_fn=pretrained_filter_fn, **kwargs)
     model.pretrained_cfg = model.default_cfg
+    if from_file:
+        _load_file_legacy(model, cfg, pretrained_filter_fn, kwargs.get('num_classes', cfg.get('num_classes', 1000)),
+                          kwargs.get('in_chans', 3))
     return model
+
+
+def _load_file_legacy(model: nn.Module, cfg: Dict[str, Any], filter_fn: Optional[Callable], num_classes: int,
+                      in_chans: int):
+    """timm 1.x's load_pretrained steps for cfg['file'] on timm < 0.6 (which loads only from URLs)."""
+    path = cfg['file']
+    if str(path).endswith('.safetensors'):
+        from safetensors.torch import load_file
+        state_dict = load_file(path, device='cpu')
+    else:  # timm's own reader: EMA weights when the file has them (as timm 1.x), `module.` stripped
+        from timm.models.helpers import load_state_dict
+        with reference_checkpoint_globals():
+            state_dict = load_state_dict(path, use_ema=True)
+    if filter_fn is not None:
+        state_dict = filter_fn(state_dict, model)
+    strict = True
+    first_conv = cfg.get('first_conv')
+    if first_conv and in_chans != 3:
+        from timm.models.helpers import adapt_input_conv
+        state_dict[first_conv + '.weight'] = adapt_input_conv(in_chans, state_dict[first_conv + '.weight'])
+    classifier = cfg.get('classifier')
+    if classifier and num_classes != cfg.get('num_classes'):
+        state_dict.pop(classifier + '.weight', None)
+        state_dict.pop(classifier + '.bias', None)
+        strict = False
+    model.load_state_dict(state_dict, strict=strict)
 
 
 def resolve_data_config(args: Dict[str, Any], pretrained_cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -92,20 +148,29 @@ def resolve_data_config(args: Dict[str, Any], pretrained_cfg: Dict[str, Any]) ->
 
 def create_scheduler(optimizer, *, sched: str, num_epochs: int, decay_epochs: float, cooldown_epochs: int,
                      decay_rate: float, min_lr: float, warmup_lr: float, warmup_epochs: int,
-                     step_on_epochs: bool = True, seed: int = 42):
+                     step_on_epochs: bool = True, seed: int = 42, **extra):
     """(scheduler, num_epochs): create_scheduler_v2 where it exists, else create_scheduler on an args namespace
-    (timm < 0.5.5, whose schedulers always step on epochs: `step_on_epochs` must be True there)."""
+    (timm < 0.5.5, whose schedulers always step on epochs: `step_on_epochs` must be True there).
+    `extra`: more create_scheduler_v2 options (noise, noise_pct, noise_std, noise_seed, k_decay, patience_epochs);
+    the older factory takes all but k_decay (as its args namespace's lr_noise, lr_noise_pct, ...)."""
     import timm.scheduler as ts
     if hasattr(ts, 'create_scheduler_v2'):
         return ts.create_scheduler_v2(
             optimizer, sched=sched, num_epochs=num_epochs, decay_epochs=decay_epochs, cooldown_epochs=cooldown_epochs,
             decay_rate=decay_rate, min_lr=min_lr, warmup_lr=warmup_lr, warmup_epochs=warmup_epochs,
-            step_on_epochs=step_on_epochs)
+            step_on_epochs=step_on_epochs, **extra)
     if not step_on_epochs:
         raise ValueError('this timm release only has per-epoch schedules (step_on_epochs=True)')
     ns = SimpleNamespace(sched=sched, epochs=num_epochs, decay_epochs=decay_epochs, cooldown_epochs=cooldown_epochs,
                          decay_rate=decay_rate, min_lr=min_lr, warmup_lr=warmup_lr, warmup_epochs=warmup_epochs,
                          seed=seed, lr_noise=None, patience_epochs=10, eval_metric='top1')
+    legacy_names = {'noise': 'lr_noise', 'noise_pct': 'lr_noise_pct', 'noise_std': 'lr_noise_std', 'noise_seed': 'seed',
+                    'patience_epochs': 'patience_epochs'}
+    unknown = sorted(set(extra) - set(legacy_names))
+    if unknown:
+        raise ValueError(f'this timm release has no scheduler option {", ".join(unknown)} (it needs timm >= 0.5.5)')
+    for key, value in extra.items():
+        setattr(ns, legacy_names[key], value)
     scheduler, epochs = ts.create_scheduler(ns, optimizer)
     if scheduler is None:
         raise ValueError(f'--sched {sched!r} is not a scheduler of this timm release (cosine, tanh, step, plateau)')

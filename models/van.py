@@ -5,83 +5,108 @@ Reference: VAN-Classification (Apache-2.0), as ported to Ascend NPUs by the Asce
 
 Module names are those of the official checkpoints (`patch_embed1.proj`, `block1.0.attn.spatial_gating_unit.conv0`,
 `norm1`, `head`, ...), so the official `.pth.tar` files load with strict key matching, and the network computes
-what the reference computes. Differences from the reference that do not change the numbers:
+what the reference computes. The network is written once, here. How its convolutions are computed is a choice
+of kernels (`set_fast_path`, models/fast_ops.py); `fuse()` folds BatchNorm and layer scales into the same modules.
+Differences from the reference that do not change the numbers:
   * no `x.clone()` in forward: the residual inputs are never modified in place, so a plain reference suffices;
   * the per-stage LayerNorm normalizes an NCHW map over its channels through a permuted view
-    (`LayerNormChannels`), instead of flatten -> transpose -> LayerNorm -> reshape -> permute -> contiguous.
-    On a channels_last tensor that view is contiguous and no copy is made at all; on an NCHW tensor
-    F.layer_norm makes the one copy it needs. The reference makes two extra full-tensor copies per stage;
-  * the blocks of a stage live in an `nn.Sequential` (keys identical to the reference's ModuleList), which
-    lets timm's `features_only` and `checkpoint_seq` walk them;
+    (`LayerNormChannels`) instead of flatten -> transpose -> LayerNorm -> reshape -> permute -> contiguous: no
+    copy on channels_last input, one on NCHW input (the reference makes three);
+  * the blocks of a stage live in an `nn.Sequential` (keys identical to the reference's ModuleList), and the
+    model's children are registered in forward order (stage by stage, then the head), which timm's
+    `features_only` relies on and `forward_features` iterates;
   * `reset_classifier` works (the reference's reads an attribute that does not exist).
 """
 import contextlib
+import copy
 import math
 import os
+import urllib.error
 from functools import partial
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .timm_compat import DropPath, build_model, register_model, trunc_normal_  # timm 0.4.12 .. 1.x
+from . import fast_ops
+from .fast_ops import check_fast_path, fast_path_modes, resolve_fast_path  # noqa: F401 (fast_path_modes: API)
+from .timm_compat import DropPath, build_model, feature_take_indices, register_model, trunc_normal_
 
-from .fast_ops import check_fast_path, fast_path_modes, forward_features_nhwc, fuse_van, resolve_fast_path
-
-__all__ = ['VAN', 'checkpoint_filter_fn', 'clean_state_dict', 'load_checkpoint_file', 'VAN_NAMES', 'fast_path_modes']
+__all__ = ['VAN', 'checkpoint_filter_fn', 'clean_state_dict', 'VAN_NAMES', 'fast_path_modes']
 
 # Prefixes that wrappers add to every key: DDP (`module.`) and torch.compile (`_orig_mod.`).
 _WRAPPER_PREFIXES = ('module.', '_orig_mod.')
 
 
-@contextlib.contextmanager
-def _bn_stats_frozen(module: nn.Module):
-    """Training-mode BatchNorms in `module` still normalize with batch statistics (and save the same tensors for
-    backward), but leave their running statistics and num_batches_tracked as they were: momentum 0 makes the
-    running-stat update an exact no-op (r * 1 + 0 * batch), and num_batches_tracked is put back on exit.
-    Used for the recomputation of a checkpointed block in backward."""
-    saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-             for m in module.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
-    for m, _, _ in saved:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for m, momentum, n in saved:
-                m.momentum = momentum
-                if n is not None:
-                    m.num_batches_tracked.copy_(n)
+# ------------------------------------------------------------------------------------------------ building blocks
 
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters, keys, defaults) computed by a selectable kernel.
 
-def checkpoint_module(module: nn.Module, *args, fn=None):
-    """Non-reentrant activation checkpointing of `fn(*args)` (default `module(*args)`).
-
-    The recomputation in backward does not update `module`'s BatchNorm running statistics a second time, so a
-    training step gives the same gradients and the same BN buffers as without checkpointing.
+    `kernel` is 'torch' (F.conv2d, the reference) or a kernel name of models/fast_ops.py, set by
+    `VAN.set_fast_path`. TorchScript always compiles the F.conv2d path.
     """
-    return checkpoint(fn or module, *args, use_reentrant=False,
-                      context_fn=lambda: (contextlib.nullcontext(), _bn_stats_frozen(module)))
+    kernel: str = 'torch'
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self.kernel != 'torch':
+                return fast_ops.run_conv(self.kernel, self, x)
+        return self._conv_forward(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ('' if self.kernel == 'torch' else f', kernel={self.kernel}')
+
+
+def layer_norm_channels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over dim 1 of a (B, C, H, W) map, returned in the input's memory format.
+
+    Normalizes an NHWC view: no copy on channels_last input; NCHW input is made NCHW again, so that the next
+    stage's convolutions (and DDP's gradient buckets) stay in one layout. A leaf for torch.fx (below): the layout
+    test is a Python branch on the tensor, which symbolic tracing cannot follow.
+    """
+    channels_last = x.is_contiguous(memory_format=torch.channels_last)
+    y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
+    return y if channels_last else y.contiguous()
+
+
+torch.fx.wrap('layer_norm_channels')
+
+
+def _scaled(scale: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Layer scale: x * scale per channel; None once fuse() has folded it into the preceding convolution."""
+    return x if scale is None else scale.view(-1, 1, 1) * x
+
+
+class ChannelScale(nn.Module):
+    """x * scale per channel: Attention's shortcut after fuse() folded norm1 and layer_scale_1 away."""
+
+    def __init__(self, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer('scale', scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _scaled(self.scale, x)
 
 
 class DWConv(nn.Module):
     """Depth-wise 3x3 convolution of the MLP (kept as its own module for the `mlp.dwconv.dwconv` key)."""
 
-    def __init__(self, dim: int = 768):
+    def __init__(self, dim: int = 768, device=None, dtype=None):
         super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
+        self.dwconv = Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dwconv(x)
 
 
 class Mlp(nn.Module):
-    """1x1 conv -> depth-wise 3x3 conv -> GELU -> dropout -> 1x1 conv -> dropout (all on NCHW maps)."""
+    """1x1 conv -> depth-wise 3x3 conv -> GELU -> dropout -> 1x1 conv -> dropout."""
 
     def __init__(
             self,
@@ -90,14 +115,17 @@ class Mlp(nn.Module):
             out_features: Optional[int] = None,
             act_layer: type = nn.GELU,
             drop: float = 0.,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         out_features = out_features or in_features
         hidden_features = hidden_features or in_features
-        self.fc1 = nn.Conv2d(in_features, hidden_features, 1)
-        self.dwconv = DWConv(hidden_features)
+        self.fc1 = Conv2d(in_features, hidden_features, 1, **dd)
+        self.dwconv = DWConv(hidden_features, **dd)
         self.act = act_layer()
-        self.fc2 = nn.Conv2d(hidden_features, out_features, 1)
+        self.fc2 = Conv2d(hidden_features, out_features, 1, **dd)
         self.drop = nn.Dropout(drop) if drop > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,11 +139,12 @@ class Mlp(nn.Module):
 class LKA(nn.Module):
     """Large kernel attention: 5x5 depth-wise, 7x7 depth-wise dilated 3 (21x21 receptive field), 1x1, then gating."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, device=None, dtype=None):
         super().__init__()
-        self.conv0 = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
-        self.conv_spatial = nn.Conv2d(dim, dim, 7, stride=1, padding=9, groups=dim, dilation=3)
-        self.conv1 = nn.Conv2d(dim, dim, 1)
+        dd = dict(device=device, dtype=dtype)
+        self.conv0 = Conv2d(dim, dim, 5, padding=2, groups=dim, **dd)
+        self.conv_spatial = Conv2d(dim, dim, 7, stride=1, padding=9, groups=dim, dilation=3, **dd)
+        self.conv1 = Conv2d(dim, dim, 1, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.conv1(self.conv_spatial(self.conv0(x)))  # B, C, H, W attention map
@@ -123,20 +152,23 @@ class LKA(nn.Module):
 
 
 class Attention(nn.Module):
-    """1x1 conv -> GELU -> LKA -> 1x1 conv, with its own residual connection (as in the reference)."""
+    """1x1 conv -> GELU -> LKA -> 1x1 conv, with its own residual connection (as in the reference).
 
-    def __init__(self, d_model: int):
+    `shortcut` is the identity; fuse() makes it the per-channel scale that folding norm1 and the layer scale
+    leaves on it."""
+
+    def __init__(self, d_model: int, device=None, dtype=None):
         super().__init__()
-        self.proj_1 = nn.Conv2d(d_model, d_model, 1)
+        dd = dict(device=device, dtype=dtype)
+        self.proj_1 = Conv2d(d_model, d_model, 1, **dd)
         self.activation = nn.GELU()
-        self.spatial_gating_unit = LKA(d_model)
-        self.proj_2 = nn.Conv2d(d_model, d_model, 1)
+        self.spatial_gating_unit = LKA(d_model, **dd)
+        self.proj_2 = Conv2d(d_model, d_model, 1, **dd)
+        self.shortcut = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.activation(self.proj_1(x))
-        x = self.proj_2(self.spatial_gating_unit(x))
-        return x + shortcut
+        y = self.proj_2(self.spatial_gating_unit(self.activation(self.proj_1(x))))
+        return y + self.shortcut(x)
 
 
 class Block(nn.Module):
@@ -150,50 +182,73 @@ class Block(nn.Module):
             drop_path: float = 0.,
             act_layer: type = nn.GELU,
             layer_scale_init_value: float = 1e-2,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
-        self.norm1 = nn.BatchNorm2d(dim)
-        self.attn = Attention(dim)
+        dd = dict(device=device, dtype=dtype)
+        self.norm1 = nn.BatchNorm2d(dim, **dd)
+        self.attn = Attention(dim, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = nn.BatchNorm2d(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
-        self.layer_scale_1 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
-        self.layer_scale_2 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
+        self.norm2 = nn.BatchNorm2d(dim, **dd)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop, **dd)
+        self.layer_scale_1 = nn.Parameter(layer_scale_init_value * torch.ones(dim, **dd))
+        self.layer_scale_2 = nn.Parameter(layer_scale_init_value * torch.ones(dim, **dd))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: B, C, H, W; layer scales broadcast over H, W as (C, 1, 1)
-        x = x + self.drop_path(self.layer_scale_1.unsqueeze(-1).unsqueeze(-1) * self.attn(self.norm1(x)))
-        x = x + self.drop_path(self.layer_scale_2.unsqueeze(-1).unsqueeze(-1) * self.mlp(self.norm2(x)))
+        # x: B, C, H, W; layer scales broadcast over H, W
+        x = x + self.drop_path(_scaled(self.layer_scale_1, self.attn(self.norm1(x))))
+        x = x + self.drop_path(_scaled(self.layer_scale_2, self.mlp(self.norm2(x))))
         return x
+
+    @torch.no_grad()
+    def fuse_(self):
+        """Fold norm1/norm2 (eval statistics) and the layer scales into the 1x1 convolutions, in place.
+
+        x + ls1 * (proj_2(z) + s1 * x + t1), with z computed from proj_1(s1 * x + t1), becomes
+        x + proj_2'(z) + (ls1 * s1) * x with proj_1' = proj_1(s1 * . + t1) and proj_2' = ls1 * (proj_2 + t1);
+        x + ls2 * fc2(...fc1(s2 * x + t2)) becomes x + fc2'(...fc1'(x)).
+        """
+        s1, t1 = fast_ops.bn_affine(self.norm1)
+        s2, t2 = fast_ops.bn_affine(self.norm2)
+        ls1, ls2 = self.layer_scale_1.double(), self.layer_scale_2.double()
+        fast_ops.fold_affine_into_input(self.attn.proj_1, s1, t1)
+        fast_ops.scale_output(self.attn.proj_2, ls1, ls1 * t1)
+        self.attn.shortcut = ChannelScale((ls1 * s1).to(self.layer_scale_1))
+        fast_ops.fold_affine_into_input(self.mlp.fc1, s2, t2)
+        fast_ops.scale_output(self.mlp.fc2, ls2)
+        self.norm1, self.norm2 = nn.Identity(), nn.Identity()
+        self.layer_scale_1 = self.layer_scale_2 = None
 
 
 class OverlapPatchEmbed(nn.Module):
     """Strided conv (7x7/4 for the stem, 3x3/2 between stages) followed by BatchNorm."""
 
-    def __init__(self, patch_size: int = 7, stride: int = 4, in_chans: int = 3, embed_dim: int = 768):
+    def __init__(self, patch_size: int = 7, stride: int = 4, in_chans: int = 3, embed_dim: int = 768,
+                 device=None, dtype=None):
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride, padding=patch_size // 2)
-        self.norm = nn.BatchNorm2d(embed_dim)
+        self.proj = Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride, padding=patch_size // 2,
+                           device=device, dtype=dtype)
+        self.norm = nn.BatchNorm2d(embed_dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x))  # B, embed_dim, H / stride, W / stride
 
+    @torch.no_grad()
+    def fuse_(self):
+        """Fold the BatchNorm (eval statistics) into the convolution before it, in place."""
+        fast_ops.scale_output(self.proj, *fast_ops.bn_affine(self.norm))
+        self.norm = nn.Identity()
+
 
 class LayerNormChannels(nn.LayerNorm):
-    """LayerNorm over the channels of an NCHW map; same parameters (and keys) as the reference's nn.LayerNorm.
-
-    Normalizes through an NHWC view. On channels_last input that view is contiguous: no copy at all (the
-    reference's flatten/transpose/LayerNorm/reshape/permute/contiguous makes three). On NCHW input the output is
-    made NCHW-contiguous again, two copies as in the reference: keeping the input's memory format keeps the next
-    stage's convolutions (and DDP's gradient buckets) in one layout instead of silently switching to channels_last.
-    """
+    """LayerNorm over the channels of an NCHW map; same parameters (and keys) as the reference's nn.LayerNorm."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)  # B,H,W,C
-        x = x.permute(0, 3, 1, 2)  # B, C, H, W (channels_last strides)
-        return x if channels_last else x.contiguous()
+        return layer_norm_channels(x, self.weight, self.bias, self.eps)
 
+
+# ---------------------------------------------------------------------------------------------------------- model
 
 class VAN(nn.Module):
     """VAN: four stages of (overlapping patch embedding, LKA blocks, LayerNorm), mean pooling, linear head."""
@@ -212,17 +267,22 @@ class VAN(nn.Module):
             num_stages: int = 4,
             global_pool: str = 'avg',
             fast_path: str = 'none',
+            head_init_scale: float = 1.,
+            device=None,
+            dtype=None,
             **kwargs,
     ):
         """`img_size` is accepted for the reference's signature; VAN works at any input size.
         `drop_rate` is the MLP dropout, as in the reference (VAN has no dropout before the head).
-        `fast_path` selects the execution mode (see `set_fast_path`); 'none' runs the reference's ops."""
+        `fast_path` selects the kernels (see `set_fast_path`); 'none' runs the reference's ops.
+        `head_init_scale` multiplies the freshly initialized head weight and bias (as timm's ConvNeXt)."""
         super().__init__()
         if kwargs:
             raise TypeError(f'VAN got unexpected keyword arguments: {sorted(kwargs)}')
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
+        _check_global_pool(global_pool)
+        dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.depths = tuple(depths)
         self.num_stages = num_stages
         self.embed_dims = tuple(embed_dims)
@@ -230,32 +290,37 @@ class VAN(nn.Module):
         self.global_pool = global_pool
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
-        self.fast_path = check_fast_path(fast_path)
+        self.fused = False  # set on the inference-only copies that fuse() returns
 
         # stochastic depth decay rule (on cpu, so that building on the meta device works)
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         cur = 0
         self.feature_info = []
-        for i in range(num_stages):
-            patch_embed = OverlapPatchEmbed(
+        for i in range(num_stages):  # registration order is forward order (see forward_features)
+            setattr(self, f'patch_embed{i + 1}', OverlapPatchEmbed(
                 patch_size=7 if i == 0 else 3,
                 stride=4 if i == 0 else 2,
                 in_chans=in_chans if i == 0 else embed_dims[i - 1],
                 embed_dim=embed_dims[i],
-            )
-            block = nn.Sequential(*[
-                Block(dim=embed_dims[i], mlp_ratio=mlp_ratios[i], drop=drop_rate, drop_path=dpr[cur + j])
+                **dd,
+            ))
+            setattr(self, f'block{i + 1}', nn.Sequential(*[
+                Block(dim=embed_dims[i], mlp_ratio=mlp_ratios[i], drop=drop_rate, drop_path=dpr[cur + j], **dd)
                 for j in range(depths[i])
-            ])
-            norm = norm_layer(embed_dims[i])
+            ]))
+            setattr(self, f'norm{i + 1}', norm_layer(embed_dims[i], **dd))
             cur += depths[i]
-            setattr(self, f'patch_embed{i + 1}', patch_embed)
-            setattr(self, f'block{i + 1}', block)
-            setattr(self, f'norm{i + 1}', norm)
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'norm{i + 1}'))
 
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
+        if isinstance(self.head, nn.Linear):
+            with torch.no_grad():
+                self.head.weight.mul_(head_init_scale)
+                self.head.bias.mul_(head_init_scale)
+        self.fast_path = 'none'
+        self._kernels_mode = 'none'  # the concrete mode the convolutions' kernels are set for
+        self.set_fast_path(fast_path)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -279,58 +344,148 @@ class VAN(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable
 
-    def set_fast_path(self, mode: str = 'auto') -> 'VAN':
-        """Select how the same modules execute: one of `fast_path_modes()` (models/fast_ops.py documents them).
+    # -------------------------------------------------------------------------------------- execution modes
 
-        A runtime mode only: parameters, buffers and state_dict keys are unchanged, so it may be called at any
-        time (after `.to(device)`, before DDP or torch.compile wrap the model) and checkpoints stay official.
-        'auto' is resolved per call from the input's device type. Returns the model.
+    @torch.jit.ignore
+    def set_fast_path(self, mode: str = 'auto') -> 'VAN':
+        """Select the kernels the modules run: one of `fast_path_modes()` (models/fast_ops.py documents them).
+
+        Parameters, buffers and state_dict keys are unchanged, so it may be called at any time (after
+        `.to(device)`, before DDP or torch.compile wrap the model) and checkpoints stay official. 'auto' follows
+        the device of the model's parameters at every forward. Returns the model.
         """
         self.fast_path = check_fast_path(mode)
+        self._use_kernels(resolve_fast_path(mode, self._device_type()))
         return self
 
-    def fuse(self, nhwc: Optional[bool] = None) -> nn.Module:
-        """An inference-only copy (eval, no grad) with BatchNorm and layer scales folded into the convolutions.
+    @torch.jit.ignore
+    def _device_type(self) -> str:
+        return next(self.parameters()).device.type
 
-        Outputs equal this model's in eval mode (1e-5); the copy is built from plain ops and traces for ONNX.
-        nhwc=None follows this model's fast path (NHWC unless 'none'); this model is left unchanged.
+    @torch.jit.ignore
+    def _use_kernels(self, mode: str):
+        """Set every convolution's kernel for the concrete `mode` (a no-op when already set)."""
+        if mode == self._kernels_mode:
+            return
+        for m in self.modules():
+            if isinstance(m, Conv2d):
+                m.kernel = fast_ops.conv_kernel(m, mode)
+        self._kernels_mode = mode
+
+    def fuse(self, nhwc: Optional[bool] = None) -> 'VAN':
+        """An inference-only copy (eval, no grad; train() raises) with BatchNorm and layer scales folded into the
+        convolutions of the same modules. Outputs equal this model's in eval mode (1e-5).
+
+        nhwc=False: the reference's kernels (plain torch ops: traces for torch.jit.trace / ONNX);
+        nhwc=True: this model's fast path ('nhwc' if it has none); None: this model's fast path as it is.
+        This model is left unchanged.
         """
-        return fuse_van(self, nhwc=nhwc)
+        mode = resolve_fast_path(self.fast_path, self._device_type())
+        if nhwc is None:
+            nhwc = mode != 'none'
+        fused = copy.deepcopy(self)
+        for m in fused.modules():
+            if isinstance(m, (Block, OverlapPatchEmbed)):
+                m.fuse_()
+        fused.fused = True
+        fused.requires_grad_(False)
+        fused.eval()
+        return fused.set_fast_path((mode if mode != 'none' else 'nhwc') if nhwc else 'none')
+
+    def train(self, mode: bool = True) -> 'VAN':
+        if mode and self.fused:
+            raise RuntimeError('this VAN is inference-only (fuse() folded BatchNorm and layer scales): '
+                               'train the unfused model')
+        return super().train(mode)
+
+    # ------------------------------------------------------------------------------------------- classifier
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        """A new (freshly initialized) head on the model's device and dtype; `global_pool` None keeps the pooling."""
         self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in ('avg', ''):
-                raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+            self.global_pool = _check_global_pool(global_pool)
+        ref = next(self.parameters())
         if num_classes > 0:
+            self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
             _init_weights(self.head)
+            self.head.train(self.training)
+        else:
+            self.head = nn.Identity()
 
-    def _run_blocks(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
-            # Activation checkpointing per block: recompute each block in backward; same gradients.
-            for blk in blocks:
-                x = checkpoint_module(blk, x)
-            return x
-        return blocks(x)
+    # ---------------------------------------------------------------------------------------------- forward
+
+    def _forward_stages(self, x: torch.Tensor, take: List[int], last: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Run the stages (up to stage `last`, all if < 0): (features, the outputs of the stages in `take`).
+
+        The model's children are, in registration order, patch_embed1, block1, norm1, patch_embed2, ..., head:
+        iterating them (TorchScript unrolls the loop) runs the stages without naming them one by one.
+        """
+        if not torch.jit.is_scripting():
+            if self.fast_path == 'auto':
+                self._use_kernels(resolve_fast_path('auto', self._device_type()))
+        intermediates: List[torch.Tensor] = []
+        stage = 0
+        for name, module in self.named_children():
+            if name != 'head' and (last < 0 or stage <= last):
+                if not torch.jit.is_scripting() and self.grad_checkpointing and name.startswith('block') \
+                        and torch.is_grad_enabled():
+                    for blk in module:  # activation checkpointing per block: recomputed in backward
+                        x = checkpoint_module(blk, x)
+                else:
+                    x = module(x)
+                if name.startswith('norm'):  # the end of a stage
+                    if stage in take:
+                        intermediates.append(x)
+                    stage += 1
+        return x, intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         # x: B, in_chans, H, W -> B, embed_dims[-1], H / 32, W / 32
-        mode = resolve_fast_path(self.fast_path, x.device.type)
-        if mode != 'none':
-            # Same modules executed on NHWC tensors; returns a (channels_last) NCHW view with the same values.
-            checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
-            return forward_features_nhwc(self, x, mode, checkpoint_fn=checkpoint_module if checkpointing else None)
-        for i in range(1, self.num_stages + 1):
-            x = getattr(self, f'patch_embed{i}')(x)  # B, C_i, H / (4 * 2**(i-1)), W / ...
-            x = self._run_blocks(getattr(self, f'block{i}'), x)
-            x = getattr(self, f'norm{i}')(x)
-        return x
+        return self._forward_stages(x, [], -1)[0]
+
+    @torch.jit.ignore
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's dense-task API: the stage outputs (each after its stage's LayerNorm, so `norm` changes nothing).
+
+        indices: the last n stages if an int, all if None, else the stage indices; stop_early: stop after the
+        last stage asked for; intermediates_only: return only the list. Output format NCHW only.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt {output_fmt!r}: VAN's intermediates are NCHW only")
+        take_indices, max_index = _take_indices(self.num_stages, indices)
+        x, intermediates = self._forward_stages(x, take_indices, max_index if stop_early else -1)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Remove the stages after the last one `indices` asks for (and the head); returns the kept indices.
+
+        `prune_norm` changes nothing: every stage's LayerNorm is part of the stage's output."""
+        take_indices, max_index = _take_indices(self.num_stages, indices)
+        prune_end = max_index < self.num_stages - 1
+        for i in range(max_index + 2, self.num_stages + 1):
+            for part in ('patch_embed', 'block', 'norm'):
+                delattr(self, f'{part}{i}')
+        self.num_stages = max_index + 1
+        if prune_end:  # the features now end at the last kept stage; the head was sized for the last one
+            self.num_features = self.head_hidden_size = self.embed_dims[max_index]
+        if prune_head or prune_end:
+            self.reset_classifier(0, '')
+        return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == 'avg':
@@ -339,6 +494,18 @@ class VAN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def _check_global_pool(global_pool: str) -> str:
+    if global_pool not in ('avg', ''):
+        raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
+    return global_pool
+
+
+def _take_indices(num_stages: int, indices: Optional[Union[int, List[int]]]) -> Tuple[List[int], int]:
+    if feature_take_indices is None:
+        raise RuntimeError('forward_intermediates / prune_intermediate_layers need timm >= 1.0')
+    return feature_take_indices(num_stages, indices)
 
 
 def _init_weights(m: nn.Module):
@@ -357,36 +524,67 @@ def _init_weights(m: nn.Module):
             m.bias.data.zero_()
 
 
-def clean_state_dict(checkpoint: Any) -> Dict[str, torch.Tensor]:
-    """The one place that unwraps a checkpoint and strips wrapper prefixes for the whole project.
+@contextlib.contextmanager
+def _bn_stats_frozen(module: nn.Module):
+    """Training-mode BatchNorms in `module` still normalize with batch statistics (and save the same tensors for
+    backward), but leave their running statistics and num_batches_tracked as they were: momentum 0 makes the
+    running-stat update an exact no-op (r * 1 + 0 * batch), and num_batches_tracked is put back on exit.
+    Used for the recomputation of a checkpointed block in backward."""
+    saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    for m, _, _ in saved:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, momentum, n in saved:
+                m.momentum = momentum
+                if n is not None:
+                    m.num_batches_tracked.copy_(n)
 
-    Accepts a bare state dict or a dict holding one under `state_dict`, `model` or `state_dict_ema`
-    (tried in that order), and removes any leading `module.` / `_orig_mod.` (DDP, torch.compile) from keys.
+
+def checkpoint_module(module: nn.Module, *args):
+    """Non-reentrant activation checkpointing of `module(*args)`.
+
+    The recomputation in backward does not update `module`'s BatchNorm running statistics a second time, so a
+    training step gives the same gradients and the same BN buffers as without checkpointing.
     """
-    if isinstance(checkpoint, dict):
+    return checkpoint(module, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _bn_stats_frozen(module)))
+
+
+# ----------------------------------------------------------------------------------------------------- checkpoints
+
+def checkpoint_filter_fn(state_dict: Any, model: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
+    """The official files (and those of the reference's / this project's train.py) as VAN's state dict.
+
+    Accepts a bare state dict or a dict holding one under `state_dict`, `model` or `state_dict_ema` (tried in
+    that order), and removes any leading `module.` / `_orig_mod.` (DDP, torch.compile) from the keys; the key
+    layout is otherwise the official one. Pure: reads no file. timm's pretrained loading calls it.
+    """
+    if isinstance(state_dict, dict):
         for key in ('state_dict', 'model', 'state_dict_ema'):  # as documented above
-            if key in checkpoint and isinstance(checkpoint[key], dict):
-                checkpoint = checkpoint[key]
+            if key in state_dict and isinstance(state_dict[key], dict):
+                state_dict = state_dict[key]
                 break
-    if not isinstance(checkpoint, dict) or not all(isinstance(k, str) for k in checkpoint):
-        raise ValueError(f'not a state dict: expected a dict of tensors, got {type(checkpoint).__name__}')
+    if not isinstance(state_dict, dict) or not all(isinstance(k, str) for k in state_dict):
+        raise ValueError(f'not a state dict: expected a dict of tensors, got {type(state_dict).__name__}')
     out = {}
-    for k, v in checkpoint.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _WRAPPER_PREFIXES:
-                if k.startswith(prefix):
-                    k = k[len(prefix):]
-                    stripped = True
+    for k, v in state_dict.items():
+        while k.startswith(_WRAPPER_PREFIXES):
+            k = k.split('.', 1)[1]
         out[k] = v
     return out
 
 
-def checkpoint_filter_fn(state_dict: Any, model: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
-    """timm's hook for pretrained weights: the official files need only unwrapping and prefix stripping."""
-    return clean_state_dict(state_dict)
+# The project's name for the same function (vancls/checkpoint.py imports it).
+clean_state_dict = checkpoint_filter_fn
 
+
+# TRANSITIONAL: file reading moves to vancls/checkpoint.py (issue 11), which still imports these two from here.
+# They are not used by the model; delete them once vancls/checkpoint.py defines its own.
 
 def load_state_dict_checked(
         model: nn.Module,
@@ -399,7 +597,7 @@ def load_state_dict_checked(
     Errors name the source and list every missing, unexpected or mis-shaped key, so a file of another variant
     or another number of classes says exactly what does not fit.
     """
-    state_dict = clean_state_dict(state_dict)
+    state_dict = checkpoint_filter_fn(state_dict)
     if drop_head:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith('head.')}
     own = model.state_dict()
@@ -450,42 +648,6 @@ def load_checkpoint_file(path: str, trust: bool = False) -> Any:
         raise ValueError(f'{path}: not a readable checkpoint ({type(e).__name__}: {msg})') from None
 
 
-def _load_pretrained(model: VAN, pretrained_cfg: Dict[str, Any], num_classes: int, trust: bool = False):
-    """Load the official weights from `pretrained_cfg['file']` or the official URL through torch.hub's cache.
-
-    With num_classes != the file's, the head is dropped (left freshly initialized) and the rest loads strictly.
-    """
-    file = pretrained_cfg.get('file')
-    url = pretrained_cfg.get('url')
-    if file:
-        checkpoint = load_checkpoint_file(file, trust=trust)
-        source = file
-    elif url:
-        filename = os.path.basename(url)
-        cached = os.path.join(torch.hub.get_dir(), 'checkpoints', filename)
-        if not os.path.isfile(cached):
-            try:
-                os.makedirs(os.path.dirname(cached), exist_ok=True)  # a fresh hub dir has no checkpoints/ yet
-                torch.hub.download_url_to_file(url, cached, progress=False)
-            except Exception as e:  # noqa: BLE001 - URLError, HTTPError, socket errors, ...
-                raise RuntimeError(
-                    f'could not download the pretrained weights for {pretrained_cfg.get("architecture")} '
-                    f'({type(e).__name__}: {e}). Download {url} yourself and either put it at {cached} or pass '
-                    f'--pretrained-path {filename} (pretrained_cfg_overlay=dict(file=PATH) in Python).') from None
-        checkpoint = load_checkpoint_file(cached, trust=trust)
-        source = cached
-    else:
-        raise RuntimeError(
-            f'no pretrained weights are published for {pretrained_cfg.get("architecture")}: '
-            f'pass a file with pretrained_cfg_overlay=dict(file=PATH) (train.py: --pretrained-path PATH)')
-    state_dict = checkpoint_filter_fn(checkpoint, model)
-    drop_head = num_classes != pretrained_cfg.get('num_classes', 1000)
-    if drop_head:  # ...unless the file's head already fits (a fine-tuned model, e.g. export.py's .safetensors)
-        head, own = state_dict.get('head.weight'), model.state_dict().get('head.weight')
-        drop_head = head is None or own is None or tuple(head.shape) != tuple(own.shape)
-    load_state_dict_checked(model, state_dict, source=source, drop_head=drop_head)
-
-
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     return {
         'url': url,
@@ -509,8 +671,8 @@ default_cfgs = {
     'van_b6': _cfg(),
 }
 # The port's names for b0..b3 share the official weights.
-default_cfgs.update({alias: default_cfgs[target] for alias, target in (
-    ('van_tiny', 'van_b0'), ('van_small', 'van_b1'), ('van_base', 'van_b2'), ('van_large', 'van_b3'))})
+_ALIASES = {'van_tiny': 'van_b0', 'van_small': 'van_b1', 'van_base': 'van_b2', 'van_large': 'van_b3'}
+default_cfgs.update({alias: default_cfgs[target] for alias, target in _ALIASES.items()})
 
 # Architecture of each variant: embed_dims, mlp_ratios, depths.
 _ARCHS = {
@@ -522,27 +684,24 @@ _ARCHS = {
     'van_b5': dict(embed_dims=(96, 192, 480, 768), mlp_ratios=(8, 8, 4, 4), depths=(3, 3, 24, 3)),
     'van_b6': dict(embed_dims=(96, 192, 384, 768), mlp_ratios=(8, 8, 4, 4), depths=(6, 6, 90, 6)),
 }
-_ALIASES = {'van_tiny': 'van_b0', 'van_small': 'van_b1', 'van_base': 'van_b2', 'van_large': 'van_b3'}
 VAN_NAMES = tuple(_ARCHS) + tuple(_ALIASES)
 
 
 def _create_van(variant: str, pretrained: bool = False, **kwargs) -> VAN:
-    trust = kwargs.pop('trust_checkpoint', False)
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    arch = dict(_ARCHS[_ALIASES.get(variant, variant)])
-    arch.update(kwargs)
-    model = build_model(
-        VAN, variant, default_cfgs[variant],  # weights are loaded below, with errors that say what to do
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices),
-        **arch,
-    )
-    if pretrained:
-        if arch.get('features_only'):
-            raise ValueError('pretrained=True with features_only=True: load the weights into the classifier '
-                             'model first (timm.create_model(name, pretrained=True)), then extract features')
-        _load_pretrained(model, model.pretrained_cfg, num_classes=model.num_classes, trust=trust)
-    return model
+    arch = dict(_ARCHS[_ALIASES.get(variant, variant)], **kwargs)
+    try:
+        return build_model(
+            VAN, variant, default_cfgs[variant], pretrained=pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=out_indices),
+            **arch,
+        )
+    except urllib.error.URLError as e:  # the official weights could not be downloaded: say what to do instead
+        url = default_cfgs[variant]['url']
+        raise RuntimeError(
+            f'could not download the pretrained weights of {variant} ({e}). Download {url} yourself and pass '
+            f'pretrained_cfg_overlay=dict(file=PATH) (train.py: --pretrained-path PATH)') from e
 
 
 @register_model

@@ -3,30 +3,30 @@
 The oracle for numerical equality is tests/reference_van.py, an independent re-implementation of the
 reference network from /work/shared/reference/VAN.md in the reference's own style.
 """
+import argparse
 import email.message
 import io
 import math
-import os
-import sys
+import re
 import urllib.error
 import urllib.request
 
 import pytest
 import torch
+import torch.fx
 import torch.nn as nn
 
-_TESTS = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_TESTS)
-for _p in (_ROOT, _TESTS):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+import timm
+import models  # noqa: F401  (registers the VAN variants with timm)
+from models import VAN_NAMES
+from models.timm_compat import LEGACY_BUILD, feature_take_indices
+from models.van import checkpoint_filter_fn
+from reference_van import REF_ARCHS, ref_van
 
-import timm  # noqa: E402
-import models  # noqa: E402,F401  (registers the VAN variants with timm)
-from models import VAN_NAMES  # noqa: E402
-from models.van import clean_state_dict, load_checkpoint_file  # noqa: E402
-from reference_van import REF_ARCHS, ref_van  # noqa: E402
-
+# timm 0.4/0.5 (the legacy-timm pass): no forward_intermediates API, features_only cannot take a pretrained file
+needs_timm_1 = pytest.mark.skipif(feature_take_indices is None, reason='needs timm >= 1.0 (forward_intermediates)')
+needs_modern_build = pytest.mark.skipif(LEGACY_BUILD, reason='timm 0.4/0.5 build: no pretrained file with '
+                                        'features_only, no error for variants without weights')
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -365,10 +365,9 @@ def test_file_of_other_variant_fails_naming_keys(tmp_path):
     with pytest.raises(RuntimeError) as ei:
         timm.create_model('van_b0', pretrained=True, pretrained_cfg_overlay=dict(file=path))
     msg = str(ei.value)
-    assert path in msg
     assert 'block1.2.norm1.weight' in msg  # b0 has 3 blocks in stage 1, b1 only 2: missing
     assert 'patch_embed1.proj.weight' in msg  # 64 vs 32 channels: shape mismatch
-    assert '(64, 3, 7, 7)' in msg and '(32, 3, 7, 7)' in msg
+    assert '[64, 3, 7, 7]' in msg and '[32, 3, 7, 7]' in msg
 
 
 def test_file_with_missing_and_unexpected_keys_fails_naming_them(tmp_path):
@@ -391,6 +390,10 @@ def test_file_with_other_num_classes_fails_at_1000(tmp_path):
     with pytest.raises(RuntimeError) as ei:
         timm.create_model('van_b0', pretrained=True, pretrained_cfg_overlay=dict(file=path))
     assert 'head.weight' in str(ei.value)
+    # the file's own number of classes, given with the file, keeps its head
+    model = timm.create_model('van_b0', pretrained=True, num_classes=10,
+                              pretrained_cfg_overlay=dict(file=path, num_classes=10))
+    _assert_state_equal(model, sd)
 
 
 def test_new_num_classes_reinitializes_head_only(tmp_path):
@@ -403,11 +406,77 @@ def test_new_num_classes_reinitializes_head_only(tmp_path):
     # the new head is freshly initialized: none of its rows is any row of the file's head
     dist = torch.cdist(model.head.weight.detach(), sd['head.weight'])
     assert dist.min() > 0
-    assert not torch.equal(model.head.bias, sd['head.bias'][:10]) or torch.all(model.head.bias == 0)
     assert torch.all(model.head.bias == 0)
     assert abs(model.head.weight.std().item() - 0.02) < 0.01
     out = model.eval()(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 10)
+
+
+def _reference_layout_checkpoint(sd, ema_sd):
+    """What the reference's (and the Ascend port's) train.py writes: timm 0.4's CheckpointSaver layout."""
+    return {
+        'epoch': 299, 'arch': 'van_tiny', 'version': 2, 'metric': 75.4,
+        'state_dict': {'module.' + k: v for k, v in sd.items()},
+        'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-3, 'params': [0, 1]}]},
+        'amp': {'loss_scaler0': {'loss_scale': 65536.0, 'unskipped': 0}},
+        'args': argparse.Namespace(model='van_tiny', lr=1e-3, drop_path=0.1),
+        'state_dict_ema': {k: v for k, v in ema_sd.items()},
+    }
+
+
+def test_reference_layout_checkpoint_loads_as_pretrained(tmp_path):
+    """A reference train.py checkpoint (argparse.Namespace under `args`, DDP keys, EMA weights) loads without full
+    unpickling; like timm, the EMA weights are the ones taken when the file has them."""
+    sd, ema = _official_state_dict('van_b0', seed=0), _official_state_dict('van_b0', seed=1)
+    path = _save(tmp_path / 'checkpoint-299.pth.tar', _reference_layout_checkpoint(sd, ema))
+    model = timm.create_model('van_b0', pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    _assert_state_equal(model, ema)
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: torch.load(weights_only=True) must refuse it before anything runs."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f'touch {self.marker}',)
+
+
+def test_pretrained_file_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / 'ran'
+    path = _save(tmp_path / 'evil.pth', {'state_dict': _official_state_dict('van_b0'), 'x': _RunsCode(marker)})
+    with pytest.raises(Exception, match='(?i)weights.only|unsupported global|not an allowed global'):
+        timm.create_model('van_b0', pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    assert not marker.exists()
+
+
+def test_pretrained_in_chans_1_adapts_the_input_conv(tmp_path):
+    """timm's input-conv adaptation: a 1-channel model gets the sum of the file's RGB filters."""
+    sd = _official_state_dict('van_b0')
+    path = _save(tmp_path / 'van_tiny_754.pth.tar', {'state_dict': sd})
+    model = timm.create_model('van_b0', pretrained=True, in_chans=1, num_classes=5,
+                              pretrained_cfg_overlay=dict(file=path))
+    assert model.in_chans == 1 and model.patch_embed1.proj.weight.shape == (32, 1, 7, 7)
+    torch.testing.assert_close(model.patch_embed1.proj.weight, sd['patch_embed1.proj.weight'].sum(1, keepdim=True))
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in sd.items() if not k.startswith(('head.', 'patch_embed1.proj.w')))
+    assert model.eval()(torch.randn(1, 1, 32, 32)).shape == (1, 5)
+
+
+@needs_modern_build
+def test_features_only_with_pretrained_file(tmp_path):
+    sd = _official_state_dict('van_b0')
+    path = _save(tmp_path / 'van_tiny_754.pth.tar', {'state_dict': sd})
+    fm = timm.create_model('van_b0', pretrained=True, features_only=True, out_indices=(1, 3),
+                           pretrained_cfg_overlay=dict(file=path)).eval()
+    full = timm.create_model('van_b0', pretrained=True, pretrained_cfg_overlay=dict(file=path)).eval()
+    x = torch.randn(1, 3, IMG, IMG)
+    with torch.no_grad():
+        f1, f3 = fm(x)
+        torch.testing.assert_close(f3, full.forward_features(x))
+    assert f1.shape == (1, 64, IMG // 8, IMG // 8) and f3.shape == (1, 256, IMG // 32, IMG // 32)
 
 
 def _fake_response(data):
@@ -442,7 +511,7 @@ def empty_hub_dir(tmp_path, monkeypatch):
     assert torch.hub.get_dir() == str(hub)
 
 
-def test_offline_without_file_says_what_to_download_and_where(empty_hub_dir, monkeypatch):
+def test_offline_without_file_says_what_to_download(empty_hub_dir, monkeypatch):
     def no_network(*args, **kwargs):
         raise urllib.error.URLError('network is unreachable (test)')
 
@@ -450,18 +519,19 @@ def test_offline_without_file_says_what_to_download_and_where(empty_hub_dir, mon
     with pytest.raises(RuntimeError) as ei:
         timm.create_model('van_b0', pretrained=True)
     msg = str(ei.value)
-    assert 'van_tiny_754.pth.tar' in msg
-    assert str(empty_hub_dir / 'checkpoints' / 'van_tiny_754.pth.tar') in msg
-    assert 'huggingface.co/Visual-Attention-Network/VAN-Tiny-original' in msg
-    assert 'URLError' in msg or 'unreachable' in msg  # failed on the network, not on something else
+    assert 'huggingface.co/Visual-Attention-Network/VAN-Tiny-original/resolve/main/van_tiny_754.pth.tar' in msg
+    assert 'pretrained_cfg_overlay=dict(file=PATH)' in msg and '--pretrained-path' in msg
+    assert 'unreachable' in msg  # failed on the network, not on something else
     ckpt_dir = empty_hub_dir / 'checkpoints'
     assert not ckpt_dir.exists() or not any(ckpt_dir.iterdir())  # no partial file left behind
 
 
 def test_pretrained_downloads_into_fresh_hub_dir(empty_hub_dir, monkeypatch, tmp_path):
+    """The official URL through timm and torch.hub's cache; the file is in the reference layout (with an
+    argparse.Namespace), which loads without full unpickling."""
     sd = _official_state_dict('van_b0')
     buf = io.BytesIO()
-    torch.save({'state_dict': sd}, buf)
+    torch.save({'state_dict': sd, 'args': argparse.Namespace(model='van_tiny'), 'epoch': 299}, buf)
     data = buf.getvalue()
     requested = []
 
@@ -485,52 +555,23 @@ def test_pretrained_downloads_into_fresh_hub_dir(empty_hub_dir, monkeypatch, tmp
     _assert_state_equal(model, sd)
 
 
+@needs_modern_build
 def test_pretrained_without_published_weights_says_so():
-    with pytest.raises(RuntimeError) as ei:
+    with pytest.raises(RuntimeError, match='van_b4'):
         _meta('van_b4', pretrained=True)
-    assert 'van_b4' in str(ei.value) and 'file' in str(ei.value)
 
 
-class _CustomObject:
-    """Anything torch.load(weights_only=True) refuses to unpickle."""
-
-    def __init__(self):
-        self.payload = torch.zeros(2)
-
-
-def test_load_checkpoint_file_refuses_full_unpickling(tmp_path):
-    path = _save(tmp_path / 'evil.pth', {'state_dict': {}, 'obj': _CustomObject()})
-    with pytest.raises(ValueError) as ei:
-        load_checkpoint_file(path)
-    assert '--trust-checkpoint' in str(ei.value)
-    assert path in str(ei.value)
-    loaded = load_checkpoint_file(path, trust=True)  # explicitly trusted: loads
-    assert isinstance(loaded['obj'], _CustomObject)
-    # the pretrained path goes through the same guard
-    with pytest.raises(ValueError, match='--trust-checkpoint'):
-        timm.create_model('van_b0', pretrained=True, pretrained_cfg_overlay=dict(file=path))
-
-
-def test_load_checkpoint_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        load_checkpoint_file(str(tmp_path / 'nope.pth'))
-    junk = tmp_path / 'junk.pth'
-    junk.write_bytes(b'this is not a checkpoint')
-    with pytest.raises(ValueError) as ei:
-        load_checkpoint_file(str(junk))
-    assert str(junk) in str(ei.value)
-
-
-def test_clean_state_dict_unwraps_and_strips():
+def test_checkpoint_filter_fn_unwraps_and_strips():
     t = torch.zeros(1)
     u = torch.ones(1)
-    assert clean_state_dict({'module.a.b': t}) == {'a.b': t}
-    assert clean_state_dict({'model': {'_orig_mod.module.a': t}}) == {'a': t}
-    assert clean_state_dict({'state_dict_ema': {'module.a': u}, 'epoch': 3}) == {'a': u}
+    assert checkpoint_filter_fn({'module.a.b': t}) == {'a.b': t}
+    assert checkpoint_filter_fn({'model': {'_orig_mod.module.a': t}}) == {'a': t}
+    assert checkpoint_filter_fn({'state_dict_ema': {'module.a': u}, 'epoch': 3}) == {'a': u}
     # `state_dict` wins over the EMA weights; a key that merely contains a prefix elsewhere is left alone
-    assert clean_state_dict({'state_dict': {'a.module.b': t}, 'state_dict_ema': {'a': u}}) == {'a.module.b': t}
+    assert checkpoint_filter_fn({'state_dict': {'a.module.b': t}, 'state_dict_ema': {'a': u}}) == {'a.module.b': t}
     with pytest.raises(ValueError):
-        clean_state_dict([t])
+        checkpoint_filter_fn([t])
+
 
 # ------------------------------------------------------------------------------------- timm model API
 
@@ -678,3 +719,76 @@ def test_no_weight_decay_names_layer_scales():
     assert len(expected) == 2 * sum(model.depths) == 26
     assert set(nwd) == expected
     assert all(n in params for n in nwd)
+
+
+def test_head_init_scale():
+    """head_init_scale multiplies the freshly initialized head (weight; the bias is initialized to zero) and
+    nothing else."""
+    torch.manual_seed(0)
+    base = timm.create_model('van_b0', num_classes=10)
+    torch.manual_seed(0)
+    scaled = timm.create_model('van_b0', num_classes=10, head_init_scale=0.25)
+    torch.testing.assert_close(scaled.head.weight, base.head.weight * 0.25)
+    assert torch.all(scaled.head.bias == 0)
+    rest = {k: v for k, v in scaled.state_dict().items() if not k.startswith('head.')}
+    assert rest and all(torch.equal(v, base.state_dict()[k]) for k, v in rest.items())
+
+
+def test_device_dtype_in_chans_and_reset_classifier_follow_the_model():
+    model = timm.create_model('van_b0', num_classes=4, in_chans=2, device='meta', dtype=torch.float64)
+    assert model.in_chans == 2 and model.patch_embed1.proj.in_channels == 2
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert all(t.device.type == 'meta' for t in tensors)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    model.eval()
+    model.reset_classifier(3)
+    assert model.head.weight.device.type == 'meta' and model.head.weight.dtype == torch.float64
+    assert not model.head.training
+
+
+@needs_timm_1
+def test_forward_intermediates_and_pruning():
+    torch.manual_seed(0)
+    model = _randomize(timm.create_model('van_b0')).eval()
+    x = torch.randn(1, 3, IMG, IMG)
+    with torch.no_grad():
+        final, taps = model.forward_intermediates(x)
+        assert [t.shape[1] for t in taps] == [32, 64, 160, 256]
+        torch.testing.assert_close(final, model.forward_features(x))
+        torch.testing.assert_close(taps[3], final)
+        two = model.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(two[0], taps[1])
+        model.prune_intermediate_layers([1])
+        assert model.num_stages == 2 and not hasattr(model, 'block3') and model.num_features == 64
+        assert 'head.weight' not in model.state_dict()
+        torch.testing.assert_close(model.forward_features(x), taps[1])
+    with pytest.raises(ValueError, match='NCHW'):
+        model.forward_intermediates(x, output_fmt='NHWC')
+
+
+def test_torchscript_and_fx_trace_the_reference_execution():
+    """torch.jit.script (timm's set_scriptable users) and torch.fx (timm / torchvision feature extractors) both
+    work on the model and give its output, in every mode (scripted: the F.conv2d kernels)."""
+    torch.manual_seed(0)
+    model = _randomize(timm.create_model('van_b0', num_classes=5)).eval()
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        expected = model(x)
+        _assert_close_rel(torch.jit.script(model)(x), expected, 1e-5, 'torch.jit.script')
+        _assert_close_rel(torch.fx.symbolic_trace(model)(x), expected, 1e-5, 'torch.fx')
+        if 'nhwc' in models.van.fast_path_modes() and models.fast_ops.FAST_PATHS_AVAILABLE:
+            model.set_fast_path('nhwc')
+            _assert_close_rel(torch.jit.script(model)(x), expected, 1e-5, 'torch.jit.script, nhwc model')
+
+
+def test_fast_paths_degrade_clearly_without_the_kernels(monkeypatch):
+    """On a torch without torch.library.custom_op (< 2.4, e.g. the 2.1 of Ascend images) the model imports and
+    runs, 'auto' means the reference execution, and asking for a fast path says why it cannot run."""
+    from models import fast_ops
+    monkeypatch.setattr(fast_ops, 'FAST_PATHS_AVAILABLE', False)
+    with pytest.raises(ValueError, match=f"fast path .nhwc. needs torch >= 2.4.*torch {re.escape(torch.__version__)}"):
+        timm.create_model('van_b0', fast_path='nhwc')
+    model = timm.create_model('van_b0', num_classes=3, fast_path='auto').eval()
+    assert model.patch_embed1.proj.kernel == 'torch' and fast_ops.resolve_fast_path('auto', 'cpu') == 'none'
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)

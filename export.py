@@ -15,7 +15,7 @@ onnx:         BatchNorm and layer scales folded into the convolutions (VAN.fuse(
 torchscript:  torch.jit.trace of the fused model, checked the same way after loading it back.
 safetensors:  the (unfused) weights under the official key names, plus metadata: model name, num_classes,
               class names, training data options. It loads back with
-              timm.create_model(NAME, pretrained=True, num_classes=N, pretrained_cfg_overlay=dict(file=PATH))
+              timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=PATH, num_classes=N))
               (after `import models`), which the export checks (identical logits).
 timm:         a folder as timm shares models (timm.models.save_for_hf): config.json (architecture, num_classes,
               label_names = the class names, and the input size, interpolation, mean/std and crop_pct used) and
@@ -140,7 +140,7 @@ def check_safetensors(path: str, meta: dict, x: torch.Tensor, expected: torch.Te
     import timm
     import models  # noqa: F401 - registers VAN with timm
     loaded = timm.create_model(meta['model'], pretrained=True, num_classes=meta['num_classes'],
-                               pretrained_cfg_overlay=dict(file=path)).eval()
+                               pretrained_cfg_overlay=dict(file=path, num_classes=meta['num_classes'])).eval()
     with torch.no_grad():
         diff = _max_diff(loaded(x), expected)
     print(f'safetensors check (timm.create_model(pretrained=True) from the file): max |logit diff| = {diff:.2e}')

@@ -95,7 +95,8 @@ def main(args):
                 for rank, t in enumerate(pred['topk'], 1):
                     print(f'  {rank}. {100 * t["prob"]:6.2f}%  {t["class"]}')
     if args.json:
-        print(json.dumps({'model': meta['model'], 'checkpoint': args.checkpoint or 'pretrained',
+        source = args.checkpoint or ('pretrained' if args.pretrained else args.model)  # or --model local-dir:DIR
+        print(json.dumps({'model': meta['model'], 'checkpoint': source,
                           'input_size': list(data_config['input_size']), 'fused': not args.no_fuse,
                           'predictions': predictions,
                           'errors': [{'path': p, 'error': e} for p, e in errors]}, indent=2))

@@ -298,6 +298,7 @@ def test_timm_folder_round_trip(digits_ckpt, digits_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     assert out['model'] == 'van_b0' and out['input_size'] == [3, 32, 32]
+    assert out['checkpoint'] == f'local-dir:{folder}'
     assert {t['class'] for t in out['predictions'][0]['topk']} <= set(names)
 
     # a second export replaces the folder; a folder that is not an export is refused

@@ -20,7 +20,6 @@ Differences from the reference that do not change the numbers:
 import contextlib
 import copy
 import math
-import os
 import urllib.error
 from functools import partial
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -37,7 +36,7 @@ from . import fast_ops
 from .fast_ops import check_fast_path, fast_path_modes, resolve_fast_path  # noqa: F401 (fast_path_modes: API)
 from .timm_compat import DropPath, build_model, feature_take_indices, register_model, trunc_normal_
 
-__all__ = ['VAN', 'checkpoint_filter_fn', 'clean_state_dict', 'VAN_NAMES', 'fast_path_modes']
+__all__ = ['VAN', 'checkpoint_filter_fn', 'VAN_NAMES', 'fast_path_modes']
 
 # Prefixes that wrappers add to every key: DDP (`module.`) and torch.compile (`_orig_mod.`).
 _WRAPPER_PREFIXES = ('module.', '_orig_mod.')
@@ -577,75 +576,6 @@ def checkpoint_filter_fn(state_dict: Any, model: Optional[nn.Module] = None) -> 
             k = k.split('.', 1)[1]
         out[k] = v
     return out
-
-
-# The project's name for the same function (vancls/checkpoint.py imports it).
-clean_state_dict = checkpoint_filter_fn
-
-
-# TRANSITIONAL: file reading moves to vancls/checkpoint.py (issue 11), which still imports these two from here.
-# They are not used by the model; delete them once vancls/checkpoint.py defines its own.
-
-def load_state_dict_checked(
-        model: nn.Module,
-        state_dict: Dict[str, torch.Tensor],
-        source: str = 'checkpoint',
-        drop_head: bool = False,
-):
-    """Load `state_dict` strictly; with `drop_head`, the classifier is left as initialized and the rest strict.
-
-    Errors name the source and list every missing, unexpected or mis-shaped key, so a file of another variant
-    or another number of classes says exactly what does not fit.
-    """
-    state_dict = checkpoint_filter_fn(state_dict)
-    if drop_head:
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('head.')}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict and not (drop_head and k.startswith('head.'))]
-    unexpected = [k for k in state_dict if k not in own]
-    mismatched = [
-        f'{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}'
-        for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-        lines = [f'{source} does not fit {type(model).__name__}'
-                 f' ({getattr(model, "pretrained_cfg", {}).get("architecture", "?")}):']
-        for title, keys in (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatch', mismatched)):
-            if keys:
-                shown = ', '.join(keys[:12]) + (f', ... ({len(keys) - 12} more)' if len(keys) > 12 else '')
-                lines.append(f'  {title} ({len(keys)}): {shown}')
-        raise RuntimeError('\n'.join(lines))
-    model.load_state_dict(state_dict, strict=not drop_head)
-
-
-def load_checkpoint_file(path: str, trust: bool = False) -> Any:
-    """torch.load a checkpoint safely: weights_only unless the user explicitly trusts the file.
-
-    Raises ValueError naming the file when it is unreadable or needs full unpickling.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint not found: {path}')
-    if path.endswith('.safetensors'):  # export.py's format: a flat state dict, never unpickled
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ValueError(f'{path}: loading .safetensors files needs the safetensors package') from None
-        try:
-            return load_file(path, device='cpu')
-        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...
-            raise ValueError(f'{path}: not a readable safetensors file ({type(e).__name__}: {e})') from None
-    try:
-        return torch.load(path, map_location='cpu', weights_only=not trust)
-    except Exception as e:  # noqa: BLE001 - torch raises many types (UnpicklingError, RuntimeError, EOFError)
-        text = str(e)
-        if not trust and 'Weights only load failed' in text:
-            # Name the offending global (e.g. "GLOBAL io.open was not an allowed global") rather than torch's essay.
-            culprit = next((line.strip() for line in text.splitlines() if 'GLOBAL' in line), 'unsupported content')
-            raise ValueError(
-                f'{path}: refused to load: it needs full unpickling, which can run arbitrary code ({culprit[:200]}). '
-                f'If you trust the file, pass --trust-checkpoint.') from None
-        msg = text.splitlines()[0][:300] if text else type(e).__name__
-        raise ValueError(f'{path}: not a readable checkpoint ({type(e).__name__}: {msg})') from None
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:

@@ -32,9 +32,15 @@ def test_model_cfg_and_overlay(tmp_path):
     assert model.pretrained_cfg['url'].endswith('van_tiny_754.pth.tar') and model.num_classes == 3
     path = str(tmp_path / 'w.pth.tar')
     torch.save({'state_dict': model.state_dict()}, path)
-    again = timm.create_model('van_b0', pretrained=True, num_classes=3, pretrained_cfg_overlay=dict(file=path))
+    # the file's head is kept when the overlay gives the file's number of classes (else, as timm does, it is
+    # dropped for any num_classes other than the config's 1000): the same on timm 0.4.12 and 1.x
+    again = timm.create_model('van_b0', pretrained=True, num_classes=3,
+                              pretrained_cfg_overlay=dict(file=path, num_classes=3))
     assert again.pretrained_cfg['file'] == path
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    new_head = timm.create_model('van_b0', pretrained=True, num_classes=3, pretrained_cfg_overlay=dict(file=path))
+    assert not torch.equal(new_head.head.weight, model.head.weight)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in new_head.state_dict().items() if 'head' not in k)
 
 
 def test_data_config_and_recipe_transforms():

@@ -1,8 +1,8 @@
 """Users of the reference (VAN-Classification, timm 0.4.12's scripts) and of the Ascend port: their options, their
 checkpoints and their command lines on this port (issue 12).
 
-- Every option of the reference's train.py and validate.py (the tables of /work/shared/reference/reference-options.md,
-  copied below as REFERENCE_TABLE's source) parses, with its reference default and with another plausible value,
+- Every option of the reference's train.py and validate.py (their tables in tests/reference_options.md, a copy
+  of the project's reference facts) parses, with its reference default and with another plausible value,
   and is then either applied or refused with a one-line UsageError; argparse never exits.
 - A checkpoint in the exact layout of timm 0.4's CheckpointSaver (DDP `module.` keys, a real AdamW state, apex's
   loss-scaler state under `amp`, `args` as an argparse.Namespace, version 2, metric, EMA weights) evaluates through
@@ -14,6 +14,7 @@ checkpoints and their command lines on this port (issue 12).
 import argparse
 import ast
 import importlib.machinery
+import importlib.util
 import json
 import os
 import re
@@ -30,7 +31,8 @@ from conftest import FAST_TRAIN_ARGS, ROOT, cli_env, run_cli
 from vancls import builders, reference_compat
 from vancls.config import UsageError, parse_with_config
 
-REFERENCE_OPTIONS_MD = os.environ.get('VAN_REFERENCE_OPTIONS', '/work/shared/reference/reference-options.md')
+# The reference's option tables (names, defaults, kinds of its train.py and validate.py), kept beside this test.
+REFERENCE_OPTIONS_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'reference_options.md')
 PARSERS = {'train': train.get_args_parser, 'validate': validate.get_args_parser}
 
 
@@ -38,8 +40,6 @@ PARSERS = {'train': train.get_args_parser, 'validate': validate.get_args_parser}
 
 def reference_rows():
     """(script, flags, default text, kind text) for every option row of reference-options.md."""
-    if not os.path.isfile(REFERENCE_OPTIONS_MD):
-        pytest.skip(f'{REFERENCE_OPTIONS_MD} not found (set VAN_REFERENCE_OPTIONS)')
     text = open(REFERENCE_OPTIONS_MD).read()
     rows = []
     for section in text.split('\n## ')[1:]:
@@ -48,13 +48,6 @@ def reference_rows():
             if flags.split()[0].startswith('-'):
                 rows.append((script, tuple(flags.split()), default, kind.strip()))
     return rows
-
-
-def _rows_or_empty():
-    try:
-        return reference_rows()
-    except pytest.skip.Exception:
-        return []
 
 
 # Values the reference's default cannot give (None, or a default with no effect): one plausible value per option.
@@ -82,6 +75,7 @@ def _default_tokens(flag, default, kind):
 def _parse_and_apply(script, tokens, monkeypatch):
     """Parse like run_cli does, then apply: returns args, or the UsageError (argparse must never exit)."""
     monkeypatch.setenv('LOCAL_RANK', '0')
+    _stub_legacy_jit(monkeypatch)
     argv = ['DATA', *tokens]
     try:
         args = parse_with_config(PARSERS[script](), argv)
@@ -93,6 +87,18 @@ def _parse_and_apply(script, tokens, monkeypatch):
         return e
 
 
+LEGACY_JIT_SWITCHES = ('_jit_set_profiling_executor', '_jit_set_profiling_mode', '_jit_override_can_fuse_on_gpu')
+
+
+def _stub_legacy_jit(monkeypatch) -> list:
+    """--legacy-jit switches process-wide TorchScript settings: record the calls instead (other tests script)."""
+    calls = []
+    for name in LEGACY_JIT_SWITCHES:
+        if hasattr(torch._C, name):
+            monkeypatch.setattr(torch._C, name, lambda *a, _name=name: calls.append((_name, a)))
+    return calls
+
+
 def _check_outcome(outcome, flag):
     if isinstance(outcome, UsageError):
         text = str(outcome)
@@ -100,7 +106,7 @@ def _check_outcome(outcome, flag):
         assert ';' in text or ' use ' in text or 'drop' in text, f'no alternative named: {text}'
 
 
-@pytest.mark.parametrize('script,flags,default,kind', _rows_or_empty(),
+@pytest.mark.parametrize('script,flags,default,kind', reference_rows(),
                          ids=lambda v: v if isinstance(v, str) and v in ('train', 'validate') else None)
 def test_reference_option_parses_and_applies(script, flags, default, kind, monkeypatch):
     """Each spelling with the reference's default works unchanged; with another value it is applied or refused in
@@ -172,6 +178,12 @@ def test_train_mappings(monkeypatch):
     assert builders.create_train_loss(a, mixup_active=False).target_threshold == 0.2
     with pytest.raises(UsageError, match='--compile'):
         _args('train', '--torchscript', monkeypatch=monkeypatch)
+    calls = _stub_legacy_jit(monkeypatch)
+    _args('validate', '--legacy-jit', '--torchscript', monkeypatch=monkeypatch)
+    assert calls == [('_jit_set_profiling_executor', (False,)), ('_jit_set_profiling_mode', (False,)),
+                     ('_jit_override_can_fuse_on_gpu', (True,))]
+    with pytest.raises(UsageError, match='choose one'):
+        _args('validate', '--torchscript', '--compile', monkeypatch=monkeypatch)
     with pytest.raises(UsageError, match='torchrun --nproc_per_node=N validate.py'):
         _args('validate', '--num-gpu', '2', monkeypatch=monkeypatch)
     assert reference_compat.scheduler_options(_args('train', monkeypatch=monkeypatch)) == {}
@@ -200,9 +212,9 @@ def test_batchnorm_options_reach_every_batchnorm(monkeypatch):
 
 
 def test_log_wandb(monkeypatch, tmp_path):
-    import importlib.util
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'wandb' else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, 'find_spec',
+                        lambda name, *a: None if name == 'wandb' else real_find_spec(name, *a))
     with pytest.raises(UsageError, match='pip install wandb'):
         _args('train', '--log-wandb', monkeypatch=monkeypatch)
     monkeypatch.setattr(importlib.util, 'find_spec', real_find_spec)
@@ -507,3 +519,15 @@ def test_port_train_sh_flags_and_eval_sh(digits_dir, tmp_path):
                 '--results-file', tmp_path / 'eval.json')
     assert v.returncode == 0, v.stderr[-3000:]
     assert json.load(open(tmp_path / 'eval.json'))['num_images'] == 359
+
+
+def test_reference_args_yaml_as_config(tmp_path, monkeypatch):
+    """The args.yaml of a reference run (every option of its train.py, with its defaults) is a valid -c file."""
+    import yaml
+    cfg = tmp_path / 'args.yaml'
+    cfg.write_text(yaml.safe_dump(vars(reference_namespace(model='van_b2', data_dir='/data/imagenet'))))
+    monkeypatch.setenv('LOCAL_RANK', '0')
+    args = reference_compat.apply_reference_options(parse_with_config(train.get_args_parser(), ['-c', str(cfg)]),
+                                                     'train')
+    assert args.model == 'van_b2' and args.data_dir == '/data/imagenet' and args.model_ema_decay == 0.9998
+    assert args.output == os.path.join('.', 'output', 'train') and args.val_split == 'validation'

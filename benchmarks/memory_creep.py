@@ -57,9 +57,10 @@ def _proc_sample(pid: int) -> dict:
     return {'rss_mb': rss_kb / 1024, 'fds': fds, 'children': children}
 
 
-def sample_run(args: list, folder: str, env=None, timeout: float = 3600) -> tuple:
+def sample_run(args: list, folder: str, env=None, timeout: float = 3600, on_sample=None) -> tuple:
     """Run train.py ARGS; returns (exit status, [sample per epoch], output). A sample: epoch, rss_mb, fds,
-    children (processes of the trainer still alive), files (names in the run folder `folder`)."""
+    children (processes of the trainer still alive), files (names in the run folder `folder`); `on_sample(sample)`
+    is called as each one is taken."""
     env = dict(os.environ if env is None else env, PYTHONUNBUFFERED='1')
     env.setdefault('OMP_NUM_THREADS', '1')
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *map(str, args)], cwd=ROOT, env=env,
@@ -72,6 +73,8 @@ def sample_run(args: list, folder: str, env=None, timeout: float = 3600) -> tupl
             sample = _proc_sample(proc.pid)
             sample.update(epoch=int(m.group(1)), files=sorted(os.listdir(folder)))
             samples.append(sample)
+            if on_sample is not None:
+                on_sample(sample)
         if time.monotonic() > end:
             proc.kill()
             break
@@ -92,16 +95,19 @@ def main():
         data = make_subset(write_digits(os.path.join(work, 'digits')), os.path.join(work, 'subset'))
         out = os.path.join(work, 'out')
         t0 = time.monotonic()
-        rc, samples, output = sample_run(creep_args(data, out, a.epochs, a.workers), os.path.join(out, 'creep'))
-        if rc != 0:
-            sys.exit(f'train.py failed with exit status {rc}:\n{output[-3000:]}')
-        print(f'{a.epochs} epochs, {a.workers} loader workers, {time.monotonic() - t0:.0f} s')
-        print('epoch  rss_mb  fds  children  files  checkpoints')
-        for s in samples:
-            if s['epoch'] % a.every == 0 or s['epoch'] == samples[-1]['epoch']:
+        print(f'{a.epochs} epochs, {a.workers} loader workers')
+        print('epoch  rss_mb  fds  children  files  checkpoints', flush=True)
+
+        def show(s):  # as they come: a run cut short still shows its curve
+            if s['epoch'] % a.every == 0 or s['epoch'] == a.epochs - 1:
                 ckpts = [f for f in s['files'] if f.endswith('.pth.tar')]
                 print(f'{s["epoch"]:5d}  {s["rss_mb"]:6.1f}  {s["fds"]:3d}  {s["children"]:8d}  {len(s["files"]):5d}  '
-                      f'{" ".join(ckpts)}')
+                      f'{" ".join(ckpts)}', flush=True)
+        rc, samples, output = sample_run(creep_args(data, out, a.epochs, a.workers), os.path.join(out, 'creep'),
+                                         on_sample=show)
+        if rc != 0:
+            sys.exit(f'train.py failed with exit status {rc}:\n{output[-3000:]}')
+        print(f'{time.monotonic() - t0:.0f} s')
         warm = samples[min(5, len(samples) - 1)]
         last = samples[-1]
         rss = [s['rss_mb'] for s in samples[5:]] or [warm['rss_mb']]

@@ -19,7 +19,7 @@ import os
 import signal
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -412,7 +412,9 @@ def test_no_memory_or_descriptor_creep(digits_dir, tmp_path):
     assert [s['epoch'] for s in samples] == list(range(30))
     warm, last = samples[5], samples[-1]
     assert last['rss_mb'] - warm['rss_mb'] < max(100., 0.2 * warm['rss_mb']), [s['rss_mb'] for s in samples]
-    assert last['fds'] <= warm['fds'] + 2, [s['fds'] for s in samples]
+    # A sample can catch the pipes of loader workers that are still shutting down: compare the lowest counts.
+    fds = [s['fds'] for s in samples]
+    assert min(fds[-5:]) <= min(fds[5:10]) + 2 and max(fds[5:]) <= min(fds[5:10]) + 16, fds
     assert last['children'] == 0, [s['children'] for s in samples]
     ckpts = sorted(f for f in last['files'] if f.endswith('.pth.tar'))
     assert ckpts == ['checkpoint-27.pth.tar', 'checkpoint-28.pth.tar', 'checkpoint-29.pth.tar', 'last.pth.tar',

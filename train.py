@@ -16,14 +16,15 @@ from typing import Any, Optional
 
 import torch
 
-from vancls import builders
-from vancls.checkpoint import (CHECKPOINT_VERSION, CheckpointManager, check_writable, find_auto_resume,
-                               load_model_weights, load_state_dict_checked, model_state_dict, plain,
+from vancls import builders, reference_compat
+from vancls.checkpoint import (CHECKPOINT_VERSION, LAST, RECOVERY, CheckpointError, CheckpointManager, check_writable,
+                               find_auto_resume, load_model_weights, load_state_dict_checked, model_state_dict, plain,
                                remove_stale_temporaries, resume_position, rng_state, set_rng_state)
 from vancls.config import UsageError, add_options, new_parser, run_cli
 from vancls.data import build_datasets, build_loader, resolve_data_dir
 from vancls.device import Amp, cleanup_distributed, default_workers, peak_memory_mb, setup_distributed
 from vancls.engine import EpochState, TrainLoop, evaluate, train_one_epoch
+from vancls.preempt import DEFAULT_SIGNALS, PreemptionHandler, parse_signals
 from vancls.reports import RunReport, save_args, setup_logging, write_json
 
 
@@ -39,7 +40,9 @@ def get_args_parser():
     g = p.add_argument_group('model (training)')
     g.add_argument('--initial-checkpoint', default='', help='start from these weights (head dropped if classes differ)')
     g.add_argument('--drop', type=float, default=0.0, help='MLP dropout (drop_rate)')
-    g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
+    g.add_argument('--drop-path', type=float, default=0.1,
+                   help='stochastic depth rate (the reference recipe\'s for van_b0-b2; its parser default, unset, '
+                        'meant 0)')
     g.add_argument('--grad-checkpointing', action='store_true', help='recompute activations per block')
     g.add_argument('--head-init-scale', type=float, default=None,
                    help='scale the new classifier head\'s initial weight and bias (fine-tuning: 0.001; default 1)')
@@ -99,11 +102,14 @@ def get_args_parser():
     g.add_argument('--sync-bn', action='store_true')
     g.add_argument('--dist-bn', default='reduce', choices=('reduce', 'broadcast', ''))
     g.add_argument('--model-ema', action='store_true')
-    g.add_argument('--model-ema-decay', type=float, default=0.99996)
+    g.add_argument('--model-ema-decay', type=float, default=0.9998, help='per optimizer step (the reference\'s)')
     g.add_argument('--model-ema-force-cpu', action='store_true')
     g = p.add_argument_group('misc')
     g.add_argument('--log-interval', type=int, default=50)
     g.add_argument('--recovery-interval', type=int, default=0, help='save recovery.pth.tar every N optimizer steps')
+    g.add_argument('--preempt-signals', default=DEFAULT_SIGNALS,
+                   help='on these signals (comma list of TERM, INT, USR1, USR2, HUP, QUIT; none: off) all ranks '
+                        'stop after the current optimizer step, save recovery.pth.tar and exit with 128 + signal')
     g.add_argument('--checkpoint-hist', type=int, default=10)
     g.add_argument('--grad-accum-steps', type=int, default=1)
     g.add_argument('--output', default='./output')
@@ -115,6 +121,7 @@ def get_args_parser():
     g.add_argument('--log-tensorboard', action='store_true')
     g.add_argument('--max-bad-images', type=int, default=100,
                    help='stop when more unreadable images than this were found (-1: no limit)')
+    reference_compat.add_reference_options(p, 'train')
     return p
 
 
@@ -128,6 +135,7 @@ def check_args(args):
         raise UsageError(f'--epochs must be >= 1, got {args.epochs}')
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise UsageError(f'mixup/cutmix need an even --batch-size, got {args.batch_size}')
+    parse_signals(args.preempt_signals)  # a bad name fails here, before any work
 
 
 def num_total_epochs(args) -> int:
@@ -171,6 +179,7 @@ class Run:
     epoch_state: Optional[EpochState] = None
     resume_rng: Optional[dict] = None
     report: Optional[RunReport] = None
+    lr_warning: Optional[str] = None  # logged by announce(), after resume: a failed resume writes nothing
     totals: dict = field(default_factory=lambda: {'images': 0, 'seconds': 0.})
     train_metrics: dict = field(default_factory=dict)
     eval_metrics: dict = field(default_factory=dict)
@@ -180,8 +189,9 @@ class Run:
         return self.model.num_classes
 
     def checkpoint(self, epoch: int, step_in_epoch: int, metric: Optional[float] = None,
-                   epoch_state: Optional[EpochState] = None) -> dict:
-        """The training state as a checkpoint dict (the layout is documented in vancls/checkpoint.py)."""
+                   epoch_state: Optional[EpochState] = None, rng_ranks: Optional[list] = None) -> dict:
+        """The training state as a checkpoint dict (the layout is documented in vancls/checkpoint.py).
+        `rng_ranks`: every rank's RNG states (rng_states_of_ranks), so that each rank resumes with its own."""
         loop = self.loop
         return {
             'epoch': epoch, 'step_in_epoch': step_in_epoch, 'num_updates': self.num_updates, 'arch': self.args.model,
@@ -189,20 +199,24 @@ class Run:
             'scaler': self.amp.state_dict(), 'scheduler': loop.lr_scheduler.state_dict(),
             'state_dict_ema': loop.model_ema.module.state_dict() if loop.model_ema is not None else None,
             'metric': metric, 'args': plain(vars(self.args)), 'class_names': list(self.class_names),
-            'num_classes': self.num_classes, 'rng': rng_state(self.env.device), 'version': CHECKPOINT_VERSION,
+            'num_classes': self.num_classes, 'rng': rng_ranks[0] if rng_ranks else rng_state(self.env.device),
+            'rng_ranks': rng_ranks, 'version': CHECKPOINT_VERSION,
             'meters': epoch_state.state_dict() if epoch_state is not None else None,
         }
 
 
 def main(args):
+    reference_compat.apply_reference_options(args, 'train')
     check_args(args)
     env = setup_distributed(args.device)
     try:
         run = setup(args, env)
         resume(run)
         announce(run)
-        train_epochs(run)
-        return finish(run)
+        with PreemptionHandler(args.preempt_signals, env) as preempt:
+            run.loop.should_stop = preempt.should_stop
+            status = train_epochs(run, preempt)
+        return status or finish(run)
     finally:
         cleanup_distributed()
 
@@ -241,7 +255,7 @@ def wrap_model(model, args, env):
     if env.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [env.device.index] if env.device.type in ('cuda', 'npu') else None
-        wrapped = DDP(wrapped, device_ids=ids)
+        wrapped = DDP(wrapped, device_ids=ids, broadcast_buffers=not args.no_ddp_bb)
     return wrapped
 
 
@@ -250,20 +264,17 @@ def setup(args, env) -> Run:
     from timm.utils import ModelEmaV2, random_seed
 
     args.data_dir = resolve_data_dir(args.data_dir) if args.dataset != 'synthetic' else args.data_dir
-    args.lr, global_batch, lr_warning = builders.resolve_lr(args, env.world_size)
+    args.lr, _, lr_warning = builders.resolve_lr(args, env.world_size)
     out_dir, logger = setup_output(args, env)
-    logger.info(f'Global batch {global_batch} ({args.batch_size} per device x {env.world_size} devices x '
-                f'{args.grad_accum_steps} accumulation steps), lr {args.lr:g}')
-    if lr_warning and env.is_main:
-        logger.warning(f'warning: {lr_warning}')
     random_seed(args.seed, env.rank)  # python, numpy and torch: mixup draws from numpy, drop path from torch
     amp = Amp(env.device, enabled=args.amp, dtype=args.amp_dtype, impl=args.amp_impl)
-    use_prefetcher = env.device.type != 'cpu' and args.dataset != 'synthetic'
+    use_prefetcher = env.device.type != 'cpu' and args.dataset != 'synthetic' and not args.no_prefetcher
     data_config = builders.resolve_data_config(args)  # command line first, then the model's pretrained_cfg
     train_ds, val_ds, class_names = build_datasets(args, data_config, use_prefetcher)
     if args.num_classes and args.dataset != 'synthetic' and args.num_classes < len(class_names):
         raise UsageError(f'--num-classes {args.num_classes} is smaller than the {len(class_names)} class folders')
     model = build_model(args, env, args.num_classes or len(class_names))
+    reference_compat.configure_batchnorm(model, args)  # --bn-tf/--bn-momentum/--bn-eps
     optimizer = builders.create_optimizer(args, model, env.device)
     model, optimizer = amp.attach_apex(model, optimizer)
     mixup_fn = builders.create_mixup(args, model.num_classes)
@@ -293,34 +304,58 @@ def setup(args, env) -> Run:
                                  decreasing=args.eval_metric == 'loss') if env.is_main else None
     return Run(args=args, env=env, out_dir=out_dir, logger=logger, amp=amp, train_ds=train_ds, val_ds=val_ds,
                class_names=class_names, model=model, loop=loop, train_sampler=train_sampler, eval_loader=eval_loader,
-               ckpt_mgr=ckpt_mgr, start_epoch=args.start_epoch or 0)
+               ckpt_mgr=ckpt_mgr, start_epoch=args.start_epoch or 0, lr_warning=lr_warning)
 
 
 def resume(run: Run):
     """--resume PATH|auto: weights, optimizer, scaler, scheduler, EMA, the position in the epoch and the RNG states.
-    The RNG states are put back last, in train_epochs, right before the first step (nothing may draw after)."""
+    The RNG states are put back last, in train_epochs, right before the first step (nothing may draw after).
+    A file without some of them (the reference's timm saver keeps no RNG, scheduler or in-epoch position, and an
+    apex loss scale) resumes from what it has; the log line says what was restored and what was not."""
     args, loop = run.args, run.loop
     path = find_auto_resume(run.out_dir, args.trust_checkpoint) if args.resume == 'auto' else args.resume
     if not path:
         run.num_updates = run.start_epoch * loop.steps_per_epoch
         return
     ckpt = load_model_weights(run.model, path, trust=args.trust_checkpoint)
+    restored, missing = ['weights'], []
     if not args.no_resume_opt:
-        loop.optimizer.load_state_dict(ckpt['optimizer'])
-        run.amp.load_state_dict(ckpt.get('scaler') or {})
+        if not isinstance(ckpt.get('optimizer'), dict) or 'epoch' not in ckpt:
+            raise CheckpointError(f'{path} has no optimizer state and epoch (a weights file): start from it with '
+                                  f'--initial-checkpoint, or resume the weights only with --no-resume-opt')
+        reference_compat.load_optimizer_state(loop.optimizer, ckpt['optimizer'])
+        restored += ['optimizer', 'epoch']
+        scaler = ckpt.get('scaler') or ({'apex': ckpt['amp']} if ckpt.get('amp') and run.amp.impl == 'apex' else {})
+        run.amp.load_state_dict(scaler)
+        if scaler and run.amp.enabled:
+            restored.append('loss scale')
+        elif ckpt.get('amp'):
+            missing.append('the apex loss scale (unused by native AMP, whose scale starts afresh)')
         if ckpt.get('scheduler'):
             loop.lr_scheduler.load_state_dict(ckpt['scheduler'])
+            restored.append('scheduler')
+        else:
+            missing.append('the scheduler state (recomputed from the epoch)')
         run.start_epoch, run.start_step = resume_position(ckpt)
-        run.resume_rng = ckpt.get('rng')
+        ranks = ckpt.get('rng_ranks') or []  # per rank (mixup and drop path draw per rank); older files: rank 0's
+        run.resume_rng = ranks[run.env.rank] if len(ranks) == run.env.world_size else ckpt.get('rng')
+        if run.resume_rng:
+            restored.append('RNG states')
+        else:
+            missing.append('the RNG states (augmentation, mixup and drop-path draws differ from an uninterrupted run)')
+        if 'step_in_epoch' not in ckpt:
+            missing.append(f'a position inside an epoch (continues at the start of epoch {run.start_epoch})')
     if loop.model_ema is not None and isinstance(ckpt.get('state_dict_ema'), dict):
         load_state_dict_checked(loop.model_ema.module, model_state_dict(ckpt['state_dict_ema'], path),
                                 source=f'{path} (EMA)')
+        restored.append('EMA weights')
     if run.ckpt_mgr is not None:
         run.ckpt_mgr.best_metric, run.ckpt_mgr.best_epoch = ckpt.get('best_metric'), ckpt.get('best_epoch')
     if run.start_step > 0 and ckpt.get('meters'):
         run.epoch_state = EpochState(**ckpt['meters'])
     run.num_updates = ckpt.get('num_updates', run.start_epoch * loop.steps_per_epoch + run.start_step)
-    run.logger.info(f'Resumed from {path}: epoch {run.start_epoch}, step {run.start_step}')
+    run.logger.info(f'Resumed from {path}: epoch {run.start_epoch}, step {run.start_step}; restored: '
+                    f'{", ".join(restored)}' + (f'; not in the file: {"; ".join(missing)}' if missing else ''))
 
 
 def announce(run: Run):
@@ -329,25 +364,57 @@ def announce(run: Run):
         return
     args, env, loop = run.args, run.env, run.loop
     save_args(args, os.path.join(run.out_dir, 'args.yaml'))
+    run.logger.info(f'Global batch {args.batch_size * env.world_size * args.grad_accum_steps} ({args.batch_size} '
+                    f'per device x {env.world_size} devices x {args.grad_accum_steps} accumulation steps), '
+                    f'lr {args.lr:g}')
+    if run.lr_warning:
+        run.logger.warning(f'warning: {run.lr_warning}')
     run.logger.info(
         f'Model {args.model}: {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M params, '
         f'{run.num_classes} classes; device {env.device} x {env.world_size} ({env.backend or "single"}); '
         f'precision {run.amp.precision}; {len(run.train_ds)} train / {len(run.val_ds)} val images; '
         f'{num_total_epochs(args)} epochs of {loop.steps_per_epoch} steps; output {run.out_dir}')
-    run.report = RunReport(run.out_dir, tensorboard=args.log_tensorboard)
+    run.report = reference_compat.with_wandb(RunReport(run.out_dir, tensorboard=args.log_tensorboard), args,
+                                             run.out_dir)
+
+
+def rng_states_of_ranks(env) -> list:
+    """Every rank's RNG states, in rank order (collective: every rank calls it at the same point)."""
+    state = rng_state(env.device)
+    if not env.distributed:
+        return [state]
+    import io
+    import torch.distributed as dist
+    buf = io.BytesIO()
+    torch.save(state, buf)  # as bytes: all_gather_object fails to unpickle tensors in this torch (legacy storages)
+    states = [None] * env.world_size
+    dist.all_gather_object(states, buf.getvalue())
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in states]
 
 
 def _save_recovery(run: Run, epoch: int):
-    """on_step for --recovery-interval: rank 0 writes recovery.pth.tar at this step of `epoch`."""
+    """on_step for --recovery-interval and for a preemption stop: rank 0 writes recovery.pth.tar at this step."""
     def on_step(step, num_updates, state):
         run.num_updates = num_updates
+        rng_ranks = rng_states_of_ranks(run.env)
         if run.ckpt_mgr is not None:
-            run.ckpt_mgr.save_recovery(run.checkpoint(epoch, step, epoch_state=state))
+            run.ckpt_mgr.save_recovery(run.checkpoint(epoch, step, epoch_state=state, rng_ranks=rng_ranks))
     return on_step
 
 
-def train_epochs(run: Run):
-    """The epoch loop: train, check bad images, sync BN, evaluate, checkpoint and report each epoch."""
+def stop_preempted(run: Run, preempt: PreemptionHandler, epoch: int, step: int, checkpoint: str) -> int:
+    """After an agreed preemption stop: every rank waits for rank 0's checkpoint; one log line; the exit status."""
+    preempt.finish()
+    if run.env.is_main:
+        run.report.close()
+        run.logger.info(preempt.describe(epoch, step, run.loop.steps_per_epoch, run.num_updates,
+                                         os.path.join(run.out_dir, checkpoint)))
+    return preempt.exit_status
+
+
+def train_epochs(run: Run, preempt: Optional[PreemptionHandler] = None) -> Optional[int]:
+    """The epoch loop: train, check bad images, sync BN, evaluate, checkpoint and report each epoch. Returns the
+    exit status when a preemption signal stopped it (vancls.preempt), else None."""
     from timm.utils import distribute_bn
     args, env, loop = run.args, run.env, run.loop
     if run.resume_rng:
@@ -359,18 +426,21 @@ def train_epochs(run: Run):
         run.train_ds.set_epoch(epoch)
         if loop.mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             loop.mixup_fn.mixup_enabled = False
-        loop.on_step = _save_recovery(run, epoch) if args.recovery_interval > 0 else None
+        loop.on_step = _save_recovery(run, epoch)  # every --recovery-interval steps, and at a preemption stop
         run.train_metrics, run.num_updates = train_one_epoch(
             loop, epoch, start_step=start, num_updates=run.num_updates,
             state=run.epoch_state if epoch == run.start_epoch else None)
+        if run.train_metrics['preempted']:
+            return stop_preempted(run, preempt, epoch, run.train_metrics['steps'], RECOVERY)
         run.totals['images'] += run.train_metrics['timed_images']
         run.totals['seconds'] += run.train_metrics['timed_seconds']
         bad = count_bad_images(run)
         if env.distributed and args.dist_bn:
             distribute_bn(run.model, env.world_size, args.dist_bn == 'reduce')
         metric = evaluate_epoch(run)
+        rng_ranks = rng_states_of_ranks(env)
         if env.is_main:
-            is_best = run.ckpt_mgr.save_epoch(run.checkpoint(epoch, 0, metric), epoch, metric)
+            is_best = run.ckpt_mgr.save_epoch(run.checkpoint(epoch, 0, metric, rng_ranks=rng_ranks), epoch, metric)
             m, e = run.train_metrics, run.eval_metrics
             run.report.add_epoch({
                 'epoch': epoch, 'lr': m['lr'], 'train_loss': m['loss'], 'eval_loss': e.get('loss'),
@@ -378,6 +448,9 @@ def train_epochs(run: Run):
                 'bad_images': bad})
             run.logger.info(f'Epoch {epoch}: train loss {m["loss"]:.4f}, {m["img_per_sec"]:.1f} img/s, '
                             f'bad images {bad}' + (' (new best)' if is_best else ''))
+        if preempt is not None and preempt.should_stop():  # a signal during evaluation or the save: already saved
+            return stop_preempted(run, preempt, epoch, loop.steps_per_epoch, LAST)
+    return None
 
 
 def count_bad_images(run: Run) -> int:
@@ -421,7 +494,7 @@ def finish(run: Run) -> Optional[dict]:
         'eval_metric': args.eval_metric, 'best_epoch': best_epoch,
         'final_top1': e.get('top1'), 'final_top5': e.get('top5'), 'final_loss': e.get('loss'),
         'train_loss': run.train_metrics.get('loss'), 'train_img_per_sec': fps,
-        'peak_memory_mb': peak_memory_mb(env.device), 'amp': run.amp.dtype_name if args.amp else None,
+        'peak_memory_mb': peak_memory_mb(env.device), 'amp': run.amp.dtype_name if run.amp.enabled else None,
         'amp_precision': run.amp.precision, 'skipped_steps': run.amp.skipped_steps,
         'bad_images': len(run.train_ds.bad_files) + len(getattr(run.val_ds, 'bad_files', [])),
         'output_dir': run.out_dir, 'num_classes': run.num_classes, 'ranks_in_sync': in_sync,

@@ -215,6 +215,10 @@ van_launch() {  # ENTRY.py ARGS...: one process, or torchrun with NPROC processe
         local torchrun
         read -r -a torchrun <<< "${TORCHRUN:-$PYTHON -m torch.distributed.run}"  # = torchrun, same interpreter
         cmd=("${torchrun[@]}" --standalone --nnodes=1 --nproc_per_node="$NPROC")
+        # Preemption: torchrun forwards these signals to the workers, which save recovery.pth.tar (train.py
+        # --preempt-signals). SIGUSR1 (SLURM's --signal) is not in torchrun's default list: unhandled, it would end
+        # the launcher alone. PET_* is read by torchrun versions that have the option and ignored by older ones.
+        export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
         if [[ -z $OMP_NUM_THREADS ]]; then
             # torchrun would give each process 1 thread; give each its share of the CPUs, as a single process
             # computes for itself (vancls.device.cpu_threads).
@@ -245,6 +249,9 @@ van_launch() {  # ENTRY.py ARGS...: one process, or torchrun with NPROC processe
     if (( status != 0 )); then
         local why
         why=$(grep -m1 '^error: ' "$VAN_LOG" 2>/dev/null)  # the port's one-line message for user errors, if any
+        if grep -q '^Preempted by' "$VAN_LOG" 2>/dev/null; then
+            why="error: preempted, recovery checkpoint written: run this script again to resume (RESUME=1)"
+        fi
         VAN_DIE_STATUS=$status van_die "$entry failed with exit status $status${why:+ (${why#error: })} (log: $VAN_LOG)"
     fi
     [[ -f $RESULTS_JSON ]] || van_die "$entry finished but wrote no $RESULTS_JSON (log: $VAN_LOG)"
@@ -252,7 +259,8 @@ van_launch() {  # ENTRY.py ARGS...: one process, or torchrun with NPROC processe
 
 van_run_train() {  # extra train.py arguments for this script
     local args=("$data_path" --model "$MODEL" -b "$BATCH_SIZE" --lr "$LR" --drop-path "$DROP_PATH"
-                --epochs "$EPOCHS" --device "$DEVICE_TYPE" --output "$OUTPUT_DIR" --experiment "$VAN_SCRIPT")
+                --epochs "$EPOCHS" --device "$DEVICE_TYPE" --output "$OUTPUT_DIR" --experiment "$VAN_SCRIPT"
+                --preempt-signals "${PREEMPT_SIGNALS:-TERM,INT,USR1}")
     if [[ -n $WORKERS ]]; then args+=(--workers "$WORKERS"); fi
     if [[ $AMP == 1 ]]; then args+=(--amp); fi
     if [[ -n $IMG_SIZE ]]; then args+=(--img-size "$IMG_SIZE"); fi

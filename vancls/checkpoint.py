@@ -9,6 +9,7 @@ Also read: the reference's/the port's checkpoints (timm 0.4's CheckpointSaver: `
 `amp` holds apex's loss-scaler state, `version` 2), the official weight files, and export.py's .safetensors.
 """
 import argparse
+import errno
 import glob
 import logging
 import os
@@ -63,26 +64,64 @@ def _atomic_replace(path: str, write):
         write(tmp)
         os.replace(tmp, path)
     except BaseException as e:
+        written = _file_size(tmp)
         try:
             os.remove(tmp)
         except OSError:
             pass
         if isinstance(e, OSError):
-            raise CheckpointError(f'could not write checkpoint {path}: {e.strerror or e}; '
-                                  f'the previous file (if any) is intact') from e
+            raise CheckpointError(f'could not write checkpoint {path}: {e.strerror or e}'
+                                  f'{_space_note(e, path, written)}; the previous file (if any) is intact') from e
         raise
     _fsync_dir(folder)
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _space_note(e: OSError, path: str, written: int) -> str:
+    """For a full disk or quota: how much the file needs (the size of its previous version, else at least what was
+    written before the error) and how much is free now, in MiB."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return ''
+    folder = os.path.dirname(os.path.abspath(path))
+    previous = _file_size(path)
+    needed = f'about {previous / 2 ** 20:.1f} MiB' if previous else f'at least {written / 2 ** 20:.1f} MiB'
+    try:
+        free = f'{shutil.disk_usage(folder).free / 2 ** 20:.1f} MiB are free'
+    except OSError:
+        free = 'the free space is unknown'
+    return f' (it needs {needed} free in {folder}; {free})'
 
 
 def atomic_save(obj: Any, path: str):
     """torch.save `obj` to `path` atomically (temporary file, flush + fsync, rename)."""
     def write(tmp):
         with open(tmp, 'wb') as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:
+                raise (_os_error_behind(f) or e) from e
             f.flush()
             os.fsync(f.fileno())
         faults.during_save()  # fault injection: between the complete temporary file and the rename
     _atomic_replace(path, write)
+
+
+def _os_error_behind(f) -> Optional[OSError]:
+    """torch's zip writer reports a failed write (full disk, quota, I/O error) as RuntimeError('... unexpected
+    pos ...'), without the errno: write to the (doomed) temporary file again to get the OSError itself."""
+    try:
+        f.flush()
+        os.write(f.fileno(), bytes(1 << 16))
+        os.fsync(f.fileno())
+    except OSError as e:
+        return e
+    return None
 
 
 def atomic_link_or_copy(src: str, dst: str):
@@ -170,6 +209,7 @@ class CheckpointManager:
 
     def save_epoch(self, state: Dict[str, Any], epoch: int, metric: Optional[float]) -> bool:
         """Save the end-of-epoch state; returns True when it is the new best."""
+        self._check_folder()
         last = os.path.join(self.folder, LAST)
         is_best = metric is not None and self.is_better(metric)
         if is_best:
@@ -186,7 +226,21 @@ class CheckpointManager:
             os.remove(recovery)
         return is_best
 
+    def _check_folder(self):
+        """The output folder deleted during the run is recreated with a warning: the state in memory is the last
+        good one, and saving it beats stopping (the files that were in the folder are gone either way)."""
+        if os.path.isdir(self.folder):
+            return
+        _logger.warning(f'output folder {self.folder} was deleted during the run: recreating it to save the current '
+                        f'state (the checkpoints and logs that were in it are gone)')
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f'output folder {self.folder} was deleted during the run and cannot be recreated: '
+                                  f'{e.strerror or e}') from None
+
     def save_recovery(self, state: Dict[str, Any]):
+        self._check_folder()
         atomic_save(dict(state, best_metric=self.best_metric, best_epoch=self.best_epoch),
                     os.path.join(self.folder, RECOVERY))
 
@@ -230,9 +284,13 @@ def find_auto_resume(folder: str, trust: bool = False) -> Optional[str]:
 
 
 def resume_position(ckpt: Dict[str, Any]) -> tuple:
-    """(epoch to run next, optimizer steps already done in that epoch)."""
-    step = int(ckpt.get('step_in_epoch', 0) or 0)
+    """(epoch to run next, optimizer steps already done in that epoch). Files of timm's CheckpointSaver (the
+    reference's) have no step_in_epoch: from `version` 2 on they store the finished epoch, before it the next one
+    (timm's own resume rule)."""
     epoch = int(ckpt['epoch'])
+    if 'step_in_epoch' not in ckpt:
+        return (epoch + 1 if int(ckpt.get('version') or 1) > 1 else epoch), 0
+    step = int(ckpt.get('step_in_epoch', 0) or 0)
     return (epoch, step) if step > 0 else (epoch + 1, 0)
 
 

@@ -19,6 +19,8 @@ import torch
 import torch.utils.data as tud
 from PIL import Image, ImageFile
 
+from .preempt import loader_worker_init
+
 _logger = logging.getLogger('vancls')
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
@@ -277,6 +279,7 @@ def build_loader(dataset, batch_size: int, env, *, is_training: bool, workers: i
         drop_last=is_training, persistent_workers=False,
         # A private generator: creating an iterator must not consume the global torch RNG (exact resume).
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=loader_worker_init,  # workers outlive a preemption signal until the main process has saved
     )
     if use_prefetcher:
         re_prob, re_mode, re_count = re_args if (is_training and re_args) else (0., 'const', 1)

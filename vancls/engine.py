@@ -42,7 +42,9 @@ class TrainLoop:
     """What stays the same over the epochs of one run: the objects a training step uses and the loop's settings.
 
     `on_step(step_in_epoch, num_updates, state)` runs every `recovery_interval` optimizer steps (recovery
-    checkpoints; not on the epoch's last step, whose state the end-of-epoch checkpoint holds).
+    checkpoints; not on the epoch's last step, whose state the end-of-epoch checkpoint holds), and at the step
+    where `should_stop()` (vancls.preempt; called by every rank at every step boundary) returns True; the epoch
+    then ends there with metrics['preempted'] True.
     """
     model: torch.nn.Module  # possibly wrapped (DDP, torch.compile)
     loader: Any
@@ -61,6 +63,7 @@ class TrainLoop:
     channels_last: bool = False
     recovery_interval: int = 0
     on_step: Optional[Callable[[int, int, EpochState], None]] = None
+    should_stop: Optional[Callable[[], bool]] = None
 
 
 def _progress(epoch: int, step: int, total: int):
@@ -142,6 +145,7 @@ def train_one_epoch(loop: TrainLoop, epoch: int, start_step: int = 0, num_update
     finite = _FiniteCheck(env, epoch, total_steps)
     loss_sum_dev = torch.zeros((), dtype=torch.float64, device=env.device)
     loss_count, step, micro, global_batch, timer_start = 0, start_step, 0, None, None
+    preempted = False
     t_data = time.perf_counter()
     loop.optimizer.zero_grad(set_to_none=True)
 
@@ -194,11 +198,14 @@ def train_one_epoch(loop: TrainLoop, epoch: int, start_step: int = 0, num_update
                              f'data: {data_time * 1000:.1f}ms')
         elif env.is_main:
             _progress(epoch, step, total_steps)
-        if loop.on_step is not None and loop.recovery_interval > 0 and step % loop.recovery_interval == 0 \
-                and not last_step:
+        preempted = loop.should_stop is not None and loop.should_stop()
+        if loop.on_step is not None and (preempted or (loop.recovery_interval > 0 and not last_step
+                                                       and step % loop.recovery_interval == 0)):
             finite.check()  # never save a checkpoint after a non-finite loss
             flush_loss()
             loop.on_step(step, num_updates, state)
+        if preempted:
+            break
         t_data = time.perf_counter()
 
     finite.check()
@@ -212,7 +219,7 @@ def train_one_epoch(loop: TrainLoop, epoch: int, start_step: int = 0, num_update
         'loss': loss_sum / max(loss_count_all, 1),
         'img_per_sec': state.timed_images / state.timed_seconds if state.timed_seconds > 0 else 0.,
         'timed_images': state.timed_images, 'timed_seconds': state.timed_seconds,
-        'lr': loop.optimizer.param_groups[0]['lr'], 'steps': step,
+        'lr': loop.optimizer.param_groups[0]['lr'], 'steps': step, 'preempted': preempted,
     }
     return metrics, num_updates
 

@@ -82,11 +82,29 @@ def build_model(model_cls: type, variant: str, default_cfg: Dict[str, Any], pret
                 **kwargs) -> nn.Module:
     """timm's build_model_with_cfg on every timm; `model.pretrained_cfg` is a dict-like config on every timm.
 
-    Pretrained weights are loaded by timm (the URL, or `pretrained_cfg_overlay=dict(file=PATH)`), which filters
-    them with `pretrained_filter_fn`, adapts the input conv to `in_chans` and drops the classifier when
-    `num_classes` differs from the config's. timm < 0.6 cannot load a `file`: `_load_file_legacy` does the same
-    steps there.
+    Pretrained weights are loaded by timm (the URL, `pretrained_cfg_overlay=dict(file=PATH)` or
+    `dict(state_dict=...)`), which filters them with `pretrained_filter_fn`, adapts the input conv to `in_chans`
+    and drops the classifier when `num_classes` differs from the config's. timm < 0.6 loads neither files nor
+    state dicts: `_load_file_legacy` does the same steps there.
     """
+    model = _build_model(model_cls, variant, default_cfg, pretrained, feature_cfg, pretrained_filter_fn, **kwargs)
+    for attr in ('pretrained_cfg', 'default_cfg'):  # a state dict given in the overlay is loaded: do not keep it
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, dict):
+            cfg.pop('state_dict', None)
+    return model
+
+
+def _build_model(model_cls, variant, default_cfg, pretrained, feature_cfg, pretrained_filter_fn, **kwargs):
+    overlay = kwargs.get('pretrained_cfg_overlay') or {}
+    if pretrained and overlay.get('state_dict') is None and (LEGACY_BUILD or
+                                                              not hasattr(torch.serialization, 'safe_globals')):
+        # timm < 0.6 reads no files, and torch < 2.5 cannot allow argparse.Namespace in weights_only loading (the
+        # reference's and the official files hold one): the project's reader does, and timm gets a state dict.
+        url = dict(default_cfg, **overlay).get('url')
+        path = overlay.get('file') or (url and _download_cached(url))
+        if path:
+            kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=_read_weights_file(path))
     if not LEGACY_BUILD:  # timm >= 0.9 applies pretrained_cfg_overlay itself
         with reference_checkpoint_globals():
             return build_model_with_cfg(model_cls, variant, pretrained=pretrained,
@@ -95,7 +113,7 @@ def build_model(model_cls: type, variant: str, default_cfg: Dict[str, Any], pret
     cfg = dict(default_cfg, **(overlay or {}))
     cfg.setdefault('architecture', variant)
     kwargs.pop('pretrained_cfg', None)
-    from_file = pretrained and bool(cfg.get('file'))
+    from_file = pretrained and cfg.get('state_dict') is not None
     if from_file and kwargs.get('features_only'):
         raise ValueError('features_only=True with a pretrained file needs timm >= 0.9 (this is timm 0.4/0.5)')
     with reference_checkpoint_globals():
@@ -108,17 +126,29 @@ def build_model(model_cls: type, variant: str, default_cfg: Dict[str, Any], pret
     return model
 
 
+def _download_cached(url: str) -> str:
+    """timm's download into torch.hub's cache (the file is reused when it is there)."""
+    try:  # timm >= 0.9
+        from timm.models._hub import download_cached_file
+    except ImportError:
+        from timm.models.hub import download_cached_file
+    return download_cached_file(url)
+
+
+def _read_weights_file(path: str) -> Dict[str, Any]:
+    """A pretrained file read by the project's one checkpoint reader (vancls/checkpoint.py: no code from the file
+    runs, reference-made files load on every torch); its EMA weights when it has them, as timm's reader does."""
+    from vancls.checkpoint import read_checkpoint
+    ckpt = read_checkpoint(path)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get('state_dict_ema'), dict):
+        return ckpt['state_dict_ema']
+    return ckpt
+
+
 def _load_file_legacy(model: nn.Module, cfg: Dict[str, Any], filter_fn: Optional[Callable], num_classes: int,
                       in_chans: int):
-    """timm 1.x's load_pretrained steps for cfg['file'] on timm < 0.6 (which loads only from URLs)."""
-    path = cfg['file']
-    if str(path).endswith('.safetensors'):
-        from safetensors.torch import load_file
-        state_dict = load_file(path, device='cpu')
-    else:  # timm's own reader: EMA weights when the file has them (as timm 1.x), `module.` stripped
-        from timm.models.helpers import load_state_dict
-        with reference_checkpoint_globals():
-            state_dict = load_state_dict(path, use_ema=True)
+    """timm 1.x's load_pretrained steps for cfg['state_dict'] on timm < 0.6 (which loads only from URLs)."""
+    state_dict = cfg['state_dict']
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)
     strict = True

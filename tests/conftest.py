@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,3 +36,13 @@ def run_cli(script, *args, env=None, timeout=600, cwd=ROOT):
 FAST_TRAIN_ARGS = ['--model', 'van_b0', '--img-size', '32', '--aa', 'none', '--reprob', '0', '--mixup', '0',
                    '--cutmix', '0', '--smoothing', '0', '--hflip', '0', '--scale', '0.6', '1', '--drop-path', '0',
                    '--warmup-epochs', '0', '--device', 'cpu', '--log-interval', '5']
+
+
+def _cpu_fp16_autocast() -> bool:
+    from vancls.device import cpu_autocast_supports
+    return cpu_autocast_supports(torch.float16)
+
+
+# CPU autocast in float16 exists from torch 2.3 on; before, --amp-dtype float16 on the CPU is a one-line error.
+requires_cpu_fp16 = pytest.mark.skipif(not _cpu_fp16_autocast(),
+                                       reason=f'CPU float16 autocast needs torch >= 2.3 (this is {torch.__version__})')

@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+from conftest import requires_cpu_fp16
 from vancls import device
 from vancls.device import Amp
 
@@ -47,7 +48,7 @@ def test_amp_cpu_without_native_bf16_runs_float32_and_says_why(monkeypatch, vanc
     assert '--amp-dtype bfloat16' in record.getMessage()
 
 
-@pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
+@pytest.mark.parametrize('dtype', ['bfloat16', pytest.param('float16', marks=requires_cpu_fp16)])
 def test_amp_cpu_explicit_dtype_is_forced(monkeypatch, vancls_log, dtype):
     monkeypatch.setattr(device, 'cpu_native_bf16', lambda: None)
     amp = Amp(CPU, enabled=True, dtype=dtype)
@@ -66,7 +67,7 @@ def test_amp_accelerator_keeps_float16(monkeypatch):
     """cuda (and npu, the same path): --amp stays float16 with loss scaling whatever the host CPU has. No CUDA is
     needed: the scaler is stubbed and no autocast is entered."""
     monkeypatch.setattr(device, 'cpu_native_bf16', lambda: None)
-    monkeypatch.setattr(device, '_make_grad_scaler', lambda dev, enabled: enabled)
+    monkeypatch.setattr(device, 'make_grad_scaler', lambda dev, enabled: enabled)
     amp = Amp(torch.device('cuda', 0), enabled=True)
     assert amp.precision == 'float16' and amp.enabled and amp.scaler is True
 

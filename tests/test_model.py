@@ -424,9 +424,6 @@ def _reference_layout_checkpoint(sd, ema_sd):
     }
 
 
-@pytest.mark.skipif(not hasattr(torch.serialization, 'safe_globals'),
-                    reason=f'torch {torch.__version__} has no weights_only allowlist (safe_globals): timm refuses the '
-                           'argparse.Namespace of reference checkpoints as pretrained files (vancls.checkpoint reads them)')
 def test_reference_layout_checkpoint_loads_as_pretrained(tmp_path):
     """A reference train.py checkpoint (argparse.Namespace under `args`, DDP keys, EMA weights) loads without full
     unpickling; like timm, the EMA weights are the ones taken when the file has them."""
@@ -534,9 +531,7 @@ def test_pretrained_downloads_into_fresh_hub_dir(empty_hub_dir, monkeypatch, tmp
     argparse.Namespace), which loads without full unpickling."""
     sd = _official_state_dict('van_b0')
     buf = io.BytesIO()
-    ckpt = {'state_dict': sd, 'epoch': 299}
-    if hasattr(torch.serialization, 'safe_globals'):  # older torch cannot allow it (see the test above)
-        ckpt['args'] = argparse.Namespace(model='van_tiny')
+    ckpt = {'state_dict': sd, 'epoch': 299, 'args': argparse.Namespace(model='van_tiny')}
     torch.save(ckpt, buf)
     data = buf.getvalue()
     requested = []

@@ -21,6 +21,13 @@ PREEMPT_ARGS = [*FAST_TRAIN_ARGS, '-b', '16', '--epochs', '2', '--max-steps', '8
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
 
 
+def _shutdown_timeout_args() -> list:
+    """More time for the workers' save after the launcher's SIGTERM, where torchrun has the option (torch >= 2.2;
+    before, workers get its fixed 30 s)."""
+    from torch.distributed.run import get_args_parser
+    return ['--shutdown-timeout=300'] if '--shutdown-timeout' in get_args_parser()._option_string_actions else []
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # In-process: the handler itself.
 
@@ -284,7 +291,7 @@ def _worker_pid(launcher_pid, rank):
 
 @pytest.mark.slow
 def test_torchrun_launcher_sigterm_then_resume_is_bitwise_exact(digits_dir, tmp_path, reference_2p):
-    cmd = [*TORCHRUN, '--shutdown-timeout=300', *map(str, _torchrun_args(digits_dir, tmp_path))]
+    cmd = [*TORCHRUN, *_shutdown_timeout_args(), *map(str, _torchrun_args(digits_dir, tmp_path))]
     proc = _Proc(cmd, _env())
     proc.wait_for('Train: 0 [   3/8]')
     os.kill(proc.p.pid, signal.SIGTERM)  # the launcher only: it forwards SIGTERM to the workers' sessions

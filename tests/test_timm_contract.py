@@ -53,9 +53,8 @@ for _name in VAN_NAMES:
             _shapes = {k: v.shape for k, v in timm.create_model(_name).state_dict().items()}
         _sd = {k: torch.zeros(s, dtype=torch.long) if k.endswith('num_batches_tracked') else
                torch.ones(s) if k.endswith('running_var') else torch.randn(s) * 0.02 for k, s in _shapes.items()}
-        _ckpt = {'state_dict': {'module.' + k: v for k, v in _sd.items()}, 'epoch': 299}
-        if hasattr(torch.serialization, 'safe_globals'):  # older torch has no allowlist for it
-            _ckpt['args'] = argparse.Namespace(model=_name)
+        _ckpt = {'state_dict': {'module.' + k: v for k, v in _sd.items()}, 'epoch': 299,
+                 'args': argparse.Namespace(model=_name)}
         torch.save(_ckpt, _file)
 '''
 

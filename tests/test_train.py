@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import FAST_TRAIN_ARGS, ROOT, cli_env, run_cli
+from conftest import FAST_TRAIN_ARGS, ROOT, cli_env, requires_cpu_fp16, run_cli
 
 # The demo recipe of the Makefile (make demo): >= 97% top-1 on digits in under 3 minutes on 2 cores.
 DEMO_ARGS = ['--model', 'van_b0', '--img-size', '32', '-b', '32', '--lr', '2e-3', '--epochs', '10', '--cooldown-epochs', '0',
@@ -105,7 +105,7 @@ def test_two_nodes_train_together(digits_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
+@pytest.mark.parametrize('dtype', ['bfloat16', pytest.param('float16', marks=requires_cpu_fp16)])
 def test_amp_steps_on_cpu(digits_dir, tmp_path, dtype):
     r = run_cli('train.py', digits_dir, *FAST_TRAIN_ARGS, '-b', '16', '--epochs', '1', '--max-steps', '3',
                 '--workers', '0', '--no-eval', '--amp', '--amp-dtype', dtype, '--output', tmp_path,
@@ -125,8 +125,16 @@ def test_amp_layer_autocast_and_scaler():
     off = Amp(cpu, enabled=False)
     with off.autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with pytest.raises(Exception, match='apex'):
+        Amp(cpu, enabled=True, dtype='bfloat16', impl='apex').attach_apex(torch.nn.Linear(1, 1),
+                                                                          torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1))
+
+
+@requires_cpu_fp16
+def test_amp_float16_scaler_skips_overflowing_steps():
+    from vancls.device import Amp
     # float16 uses the GradScaler: an overflowing gradient skips the step and is counted.
-    fp16 = Amp(cpu, enabled=True, dtype='float16')
+    fp16 = Amp(torch.device('cpu'), enabled=True, dtype='float16')
     assert fp16.scaler.is_enabled()
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([w], lr=0.1)
@@ -138,8 +146,13 @@ def test_amp_layer_autocast_and_scaler():
     fp16.step(opt, [w])
     assert torch.allclose(w.detach(), torch.full((3,), 0.8)) and fp16.skipped_steps == 1
     assert 'scale' in fp16.state_dict()
-    with pytest.raises(Exception, match='apex'):
-        Amp(cpu, enabled=True, impl='apex').attach_apex(torch.nn.Linear(1, 1), opt)
+
+
+@pytest.mark.skipif(not requires_cpu_fp16.args[0], reason='CPU float16 autocast exists on this torch')
+def test_amp_float16_on_a_cpu_without_it_is_one_line():
+    from vancls.device import Amp, DeviceError
+    with pytest.raises(DeviceError, match='--amp-dtype bfloat16'):
+        Amp(torch.device('cpu'), enabled=True, dtype='float16')
 
 
 _FAKE_NPU = '''

@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .device import CPU_MALLOC_CHOICES, libc as _libc, tune_cpu_allocator
+from .device import CPU_MALLOC_CHOICES, libc as _libc, make_grad_scaler, tune_cpu_allocator
 
 _OPTIONS = ('compile', 'freeze', 'fuse', 'ckpt', 'cl', 'amp', 'fusedadam', 'foreachadam', 'noopt')
 
@@ -228,7 +228,7 @@ class Runner:
                 kw['foreach'] = True
             self.optimizer = torch.optim.AdamW(model.parameters(), **kw)
             if self.amp and self.amp_dtype == torch.float16 and device.type == 'cuda':
-                self.scaler = torch.amp.GradScaler('cuda')
+                self.scaler = make_grad_scaler(device, True)
         self.fn = model
         self.freeze = 'freeze' in opts and not train
         self.compile_requested = 'compile' in opts or args.compile or self.freeze

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import models  # noqa: F401 - registers the VAN names with timm
 from models.van import VAN_NAMES
-from .checkpoint import checkpoint_meta, load_model_weights, read_checkpoint
+from .checkpoint import checkpoint_meta, load_model_weights, model_state_dict, read_checkpoint
 from .config import UsageError
 
 _logger = logging.getLogger('vancls')
@@ -34,7 +34,13 @@ def create_model(args, num_classes: int, pretrained: bool = False, **extra) -> n
     if getattr(args, 'head_init_scale', None) is not None:
         kwargs['head_init_scale'] = args.head_init_scale
     if pretrained and getattr(args, 'pretrained_path', None):
-        kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path)
+        # Read here (safe on every torch, --trust-checkpoint honoured); timm then adapts the input conv and keeps
+        # the file's head only when it fits num_classes.
+        path = args.pretrained_path
+        state_dict = model_state_dict(read_checkpoint(path, getattr(args, 'trust_checkpoint', False)), path)
+        head = state_dict.get('head.weight')
+        kwargs['pretrained_cfg_overlay'] = dict(state_dict=state_dict,
+                                                num_classes=head.shape[0] if head is not None else 1000)
     return timm.create_model(args.model, pretrained=pretrained, **kwargs)
 
 
@@ -43,6 +49,19 @@ def check_optimizer_name(name: str):
     available = list_optimizers()
     if name.lower() not in available:
         raise UsageError(f'--opt {name!r} is not a timm optimizer; choose one of: {", ".join(available)}')
+
+
+def fused_adamw_works(device: torch.device) -> bool:
+    """Whether torch's fused AdamW kernel runs on this device type (CPU: torch >= 2.4; one tiny step to tell)."""
+    if device.type not in ('cuda', 'cpu'):
+        return False
+    p = nn.Parameter(torch.zeros(1, device=device))
+    p.grad = torch.zeros(1, device=device)
+    try:
+        torch.optim.AdamW([p], fused=True).step()
+    except (RuntimeError, TypeError):
+        return False
+    return True
 
 
 def create_optimizer(args, model: nn.Module, device: torch.device):
@@ -60,7 +79,10 @@ def create_optimizer(args, model: nn.Module, device: torch.device):
         kwargs['betas'] = tuple(args.opt_betas)
     impl = getattr(args, 'opt_impl', 'auto')
     if args.opt.lower() in ('adamw', 'adam') and impl != 'plain':
-        fused_ok = device.type in ('cuda', 'cpu') and impl in ('auto', 'fused')
+        fused_ok = impl in ('auto', 'fused') and fused_adamw_works(device)
+        if impl == 'fused' and not fused_ok:
+            raise UsageError(f'--opt-impl fused: torch {torch.__version__} has no fused AdamW on {device.type}; '
+                             f'use --opt-impl auto (foreach) or plain')
         kwargs['fused' if fused_ok else 'foreach'] = True
     elif impl == 'plain':
         kwargs['foreach'] = False if args.opt.lower() in ('adamw', 'adam', 'sgd', 'momentum') else None

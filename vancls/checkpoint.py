@@ -174,7 +174,8 @@ def rng_state(device: Optional[torch.device] = None) -> Dict[str, Any]:
     np_state = np.random.get_state()
     state = {
         'python': random.getstate(),
-        'numpy': [np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]),
+        # the uint32 key as int64: torch < 2.3 has no uint32 tensors (from_numpy refuses them)
+        'numpy': [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
                   float(np_state[4])],
         'torch': torch.get_rng_state(),
     }
@@ -187,7 +188,7 @@ def set_rng_state(state: Dict[str, Any], device: Optional[torch.device] = None):
     py = state['python']
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state['numpy']
-    np.random.set_state((n[0], n[1].numpy(), n[2], n[3], n[4]))
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
     torch.set_rng_state(state['torch'])
     if 'device' in state and device is not None and device.type in ('cuda', 'npu'):
         getattr(torch, device.type).set_rng_state(state['device'], device)

@@ -295,6 +295,9 @@ class Amp:
                 f'--amp: float32 on this CPU: torch {torch.__version__} reports no native bfloat16 (AMX or '
                 'AVX512-BF16), and emulated bfloat16 is slower than float32 (--amp-dtype bfloat16 forces it)')
             enabled = False
+        if enabled and device.type == 'cpu' and dtype is not None and not cpu_autocast_supports(AMP_DTYPES[dtype]):
+            raise DeviceError(f'--amp-dtype {dtype}: CPU autocast of torch {torch.__version__} does not support it '
+                              '(use --amp-dtype bfloat16)')
         self.device = device
         self.enabled = enabled
         self.impl = impl if enabled else 'native'
@@ -304,7 +307,7 @@ class Amp:
         self.precision = self.dtype_name if enabled else 'float32'
         self._apex_amp = None
         use_scaler = enabled and self.impl == 'native' and self.dtype == torch.float16
-        self.scaler = _make_grad_scaler(device, use_scaler)
+        self.scaler = make_grad_scaler(device, use_scaler)
         self.skipped_steps = 0  # optimizer steps skipped by the scaler after an fp16 overflow
 
     def attach_apex(self, model, optimizer):
@@ -361,12 +364,34 @@ class Amp:
             self.scaler.load_state_dict(state)
 
 
-def _make_grad_scaler(device: torch.device, enabled: bool):
+def make_grad_scaler(device: torch.device, enabled: bool):
+    """torch.amp.GradScaler(device) where it exists (torch >= 2.3); else the device module's own (torch_npu,
+    older torch), and for the CPU on older torch a disabled CUDA scaler (a no-op that needs no GPU)."""
+    if hasattr(torch.amp, 'GradScaler'):
+        try:
+            return torch.amp.GradScaler(device.type, enabled=enabled)
+        except (RuntimeError, TypeError):
+            pass  # a device type this torch's GradScaler does not know: the device module's below
+    mod = device_module(device)
+    if mod is not None:
+        return mod.amp.GradScaler(enabled=enabled)
+    if enabled:
+        raise DeviceError(f'--amp-dtype float16 on the CPU needs loss scaling, which torch {torch.__version__} '
+                          'has only for GPUs: use --amp-dtype bfloat16')
+    return torch.cuda.amp.GradScaler(enabled=False)
+
+
+def cpu_autocast_supports(dtype: torch.dtype) -> bool:
+    """Whether CPU autocast computes in `dtype` (torch < 2.3 takes bfloat16 only: it raises or disables itself)."""
+    import warnings
     try:
-        return torch.amp.GradScaler(device.type, enabled=enabled)
-    except (AttributeError, RuntimeError, TypeError):
-        # Older torch / torch_npu: the device module ships its own GradScaler.
-        return device_module(device).amp.GradScaler(enabled=enabled)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            with torch.autocast('cpu', dtype=dtype):
+                y = torch.mm(torch.ones(1, 1), torch.ones(1, 1))
+    except RuntimeError:
+        return False
+    return y.dtype == dtype
 
 
 def _clip(parameters, value: Optional[float], mode: str):

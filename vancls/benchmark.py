@@ -4,7 +4,7 @@
     python benchmark.py --model van_b0 -b 32 --compare none,nhwc,nhwc_lka --mode both --json-out out.json
     python -m vancls.benchmark ...
 
-A configuration ("spec") is a fast-path mode (models/fast_ops.py: none, nhwc, nhwc_compiled, auto) followed by
+A configuration ("spec") is a fast-path mode (models/fast_ops.py: none, nhwc, nhwc_lka, auto) followed by
 options joined with '+':
     compile     torch.compile(model) on top (whole model; the cold compile time is reported)
     fuse        inference only: VAN.fuse() (BatchNorm and layer scales folded); ignored for training
@@ -233,9 +233,7 @@ class Runner:
         self.freeze = 'freeze' in opts and not train
         self.compile_requested = 'compile' in opts or args.compile or self.freeze
         # modes that compile kernels on first use (see models/fast_ops.py)
-        self.compiles = self.compile_requested or spec['fast_path'] in ('nhwc_lka', 'nhwc_compiled') or (
-            spec['fast_path'] == 'auto' and hasattr(model, 'fast_path')
-            and _resolve(spec['fast_path'], device) in ('nhwc_lka', 'nhwc_compiled'))
+        self.compiles = self.compile_requested or _resolve(spec['fast_path'], device) == 'nhwc_lka'
         if self.freeze:
             from models.fast_ops import compile_inference
             self.fn = compile_inference(model, device.type)

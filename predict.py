@@ -58,7 +58,9 @@ def main(args):
     amp = Amp(device, enabled=args.amp, dtype=args.amp_dtype)
     model, meta, data_config = builders.load_trained_model(args)
     model.to(device)
-    builders.set_fast_path(model, args.fast_path)
+    files, errors = collect_files(args.inputs)
+    builders.set_fast_path(model, args.fast_path, steps=-(-len(files) // args.batch_size),
+                           img_size=data_config['input_size'][-1])
     if not args.no_fuse and hasattr(model, 'fuse'):
         model = model.fuse()
     if args.compile:
@@ -66,7 +68,6 @@ def main(args):
     transform = build_transform(args, data_config, is_training=False, use_prefetcher=False)
     names, k = meta['class_names'], min(args.topk, meta['num_classes'])
 
-    files, errors = collect_files(args.inputs)
     for path, err in errors:
         print(f'warning: {path}: {err}', file=sys.stderr)
     predictions = []

@@ -232,7 +232,7 @@ def setup_output(args, env):
 
 
 def build_model(args, env, num_classes: int):
-    """(model, wrapped model): weights, checkpointing, SyncBN, device, layout, fast path, compile and DDP."""
+    """The model to train: weights, checkpointing, SyncBN, device, memory layout."""
     model = builders.create_model(args, num_classes, pretrained=args.pretrained)
     if args.initial_checkpoint:
         load_model_weights(model, args.initial_checkpoint, trust=args.trust_checkpoint, drop_head='auto')
@@ -245,7 +245,6 @@ def build_model(args, env, num_classes: int):
     model.to(env.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    builders.set_fast_path(model, args.fast_path)
     return model
 
 
@@ -291,6 +290,9 @@ def setup(args, env) -> Run:
     if steps_per_epoch < 1:
         raise UsageError(f'{len(train_ds)} training images give no full batch of {args.batch_size} per device '
                          f'x {env.world_size} devices: lower --batch-size')
+    # The fast path is chosen knowing the run's length (forward passes), before torch.compile and DDP wrap it.
+    forward_passes = num_total_epochs(args) * steps_per_epoch * args.grad_accum_steps
+    builders.set_fast_path(model, args.fast_path, steps=forward_passes, img_size=data_config['input_size'][-1])
     loop = TrainLoop(
         model=wrap_model(model, args, env), loader=train_loader, optimizer=optimizer,
         loss_fn=builders.create_train_loss(args, mixup_fn is not None).to(env.device), amp=amp, env=env,

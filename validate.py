@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=8 validate.py DATA_DIR --model van_b2 --checkpoint ...   # sharded, exact counts
 """
 import json
+import math
 import os
 import sys
 
@@ -41,13 +42,13 @@ def main(args):
         cleanup_distributed()
 
 
-def build_eval_model(args, env, num_classes: int, ckpt):
+def build_eval_model(args, env, num_classes: int, ckpt, num_batches: int, img_size: int):
     """The model to evaluate: weights, device, fast path, optional fusing and compiling."""
     model = builders.create_model(args, num_classes, pretrained=args.pretrained and not args.checkpoint)
     if args.checkpoint:
         load_model_weights(model, args.checkpoint, use_ema=args.use_ema, checkpoint=ckpt)
     model.to(env.device).eval()
-    builders.set_fast_path(model, args.fast_path)  # before fuse(): the fused copy follows the model's fast path
+    builders.set_fast_path(model, args.fast_path, num_batches, img_size)  # before fuse(): the fused copy follows it
     if args.fuse:
         model = model.fuse()
     if args.channels_last:
@@ -74,7 +75,8 @@ def _validate(args, env):
     _, val_ds, data_classes = build_datasets(args, data_config, use_prefetcher, need_train=False,
                                              class_names=None if args.class_map else meta['class_names'])
     num_classes = args.num_classes or meta['num_classes'] or len(data_classes)
-    model = build_eval_model(args, env, num_classes, ckpt)
+    num_batches = math.ceil(len(val_ds) / (args.batch_size * env.world_size))
+    model = build_eval_model(args, env, num_classes, ckpt, num_batches, data_config['input_size'][-1])
     model, finish_reference = reference_compat.eval_model(args, model, val_ds, env, num_classes)
     workers = default_workers() if args.workers is None else args.workers
     loader, _ = build_loader(val_ds, args.batch_size, env, is_training=False, workers=workers, seed=args.seed,

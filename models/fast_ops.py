@@ -19,7 +19,10 @@ Modes (`fast_path=` model kwarg, `VAN.set_fast_path`, `--fast-path`):
               dilated conv (forward and both gradients) and the 5x5's weight gradient as sums of shifted
               multiply-adds compiled by Inductor (static shapes; see `dw_plan`). A cold compile of a dozen
               small kernels per model/input/batch size, then Inductor's on-disk cache serves them.
-  'auto'      per device type, `AUTO_MODES` (the one table of measured choices); 'none' elsewhere.
+  'auto'      what measured fastest: `auto_mode(device_type, steps)`, from the tables `AUTO_MODES` (short runs
+              or runs of unknown length: no compilation) and `AUTO_MODES_LONG` (runs long enough to pay for
+              nhwc_lka's cold compile), keyed by device type and, on the CPU, the vector ISA ATen dispatches
+              to; 'none' for anything not measured.
 
 All modes compute the reference's function: fp32 logits and gradients agree within float32 rounding
 (tests/test_fast_paths.py). Stochastic parts (DropPath, Dropout) draw the same random values in every mode.
@@ -39,17 +42,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    'FAST_PATH_MODES', 'AUTO_MODES', 'FAST_PATHS_AVAILABLE', 'fast_path_modes', 'check_fast_path',
-    'resolve_fast_path', 'conv_kernel', 'run_conv', 'dw_plan', 'bn_affine', 'fold_affine_into_input',
+    'FAST_PATH_MODES', 'AUTO_MODES', 'AUTO_MODES_LONG', 'AUTO_LONG_RUN_STEPS', 'AUTO_MIN_IMG_SIZE',
+    'FAST_PATHS_AVAILABLE',
+    'fast_path_modes', 'check_fast_path', 'auto_mode', 'resolve_fast_path', 'conv_kernel', 'run_conv', 'dw_plan', 'bn_affine', 'fold_affine_into_input',
     'scale_output', 'compile_inference',
 ]
 
 FAST_PATH_MODES: Tuple[str, ...] = ('none', 'nhwc', 'nhwc_lka', 'auto')
 
-# What 'auto' runs on each device type; any device type not listed runs 'none'. cuda and npu are absent on
-# purpose: nothing has been measured there yet, so they keep the reference's execution until a measurement
-# (benchmarks/gpu.sh, docs/PERFORMANCE.md) says otherwise.
-AUTO_MODES: Dict[str, str] = {'cpu': 'nhwc'}
+# What 'auto' runs, keyed by (device type, CPU ISA) — the ISA as torch.backends.cpu.get_cpu_capability() names it,
+# '' off the CPU. Only modes that beat 'none' in every measured run are listed (benchmarks/cpu_auto.sh,
+# docs/PERFORMANCE.md "What auto picks"); anything else runs 'none'. cuda and npu are absent on purpose: nothing has
+# been measured there yet, so they keep the reference's execution until a measurement says otherwise.
+# Short runs or runs of unknown length (no compilation), for inputs of at least AUTO_MIN_IMG_SIZE px: on AVX2-only
+# CPUs oneDNN's channels_last depth-wise kernels are slower than its NCHW ones and 'nhwc' lost to 'none'; at 32 px
+# it lost to 'none' in whole training runs on every CPU measured.
+AUTO_MODES: Dict[Tuple[str, str], str] = {('cpu', 'AVX512'): 'nhwc'}
+AUTO_MIN_IMG_SIZE = 224
+# Runs of at least AUTO_LONG_RUN_STEPS forward passes, any input size: nhwc_lka's cold compile (10-50 s on a 2-core
+# CPU, seconds from Inductor's disk cache) is then paid back several times over.
+AUTO_MODES_LONG: Dict[Tuple[str, str], str] = {('cpu', 'AVX512'): 'nhwc_lka', ('cpu', 'AVX2'): 'nhwc_lka'}
+AUTO_LONG_RUN_STEPS = 2000
 
 # Feature check (no version parsing): the kernels are custom ops with autocast-aware argument casts.
 FAST_PATHS_AVAILABLE: bool = hasattr(torch, 'library') and hasattr(torch.library, 'custom_op') \
@@ -71,11 +84,27 @@ def check_fast_path(mode: str) -> str:
     return mode
 
 
-def resolve_fast_path(mode: str, device_type: str) -> str:
+def _cpu_isa() -> str:
+    get = getattr(getattr(torch.backends, 'cpu', None), 'get_cpu_capability', None)
+    return get() if get is not None else 'DEFAULT'
+
+
+def auto_mode(device_type: str, steps: Optional[int] = None, img_size: Optional[int] = None) -> str:
+    """What 'auto' runs on `device_type` for a run of `steps` forward passes on `img_size` px inputs (None:
+    unknown; an unknown size is taken as the models' default, 224)."""
+    if not FAST_PATHS_AVAILABLE:
+        return 'none'
+    key = (device_type, _cpu_isa() if device_type == 'cpu' else '')
+    if steps is not None and steps >= AUTO_LONG_RUN_STEPS and key in AUTO_MODES_LONG:
+        return AUTO_MODES_LONG[key]
+    if img_size is not None and img_size < AUTO_MIN_IMG_SIZE:
+        return 'none'
+    return AUTO_MODES.get(key, 'none')
+
+
+def resolve_fast_path(mode: str, device_type: str, steps: Optional[int] = None) -> str:
     """The concrete mode ('none', 'nhwc' or 'nhwc_lka') that `mode` means on `device_type`."""
-    if mode == 'auto':
-        return AUTO_MODES.get(device_type, 'none') if FAST_PATHS_AVAILABLE else 'none'
-    return mode
+    return auto_mode(device_type, steps) if mode == 'auto' else mode
 
 
 def _custom_op(name: str) -> Callable:

@@ -133,13 +133,33 @@ def test_kernels_per_mode():
         m.set_fast_path(mode)
         assert {k: c.kernel for k, c in convs.items()} == kernels, mode
         assert all(isinstance(c, Conv2d) for c in convs.values())
-    assert fast_ops.AUTO_MODES == {'cpu': 'nhwc'}  # cuda / npu: the reference execution until measured there
     assert fast_ops.resolve_fast_path('auto', 'cuda') == 'none' and fast_ops.resolve_fast_path('auto', 'npu') == 'none'
     m.set_fast_path('auto')
-    assert convs['pointwise'].kernel == 'gemm'  # on the cpu
+    assert convs['pointwise'].kernel == ('torch' if fast_ops.auto_mode('cpu') == 'none' else 'gemm')  # this CPU's
     with torch.device('meta'):
         meta = _tiny_van(fast_path='auto')
     assert meta.block1[0].attn.proj_1.kernel == 'torch'  # no kernels for the meta device
+
+
+@pytest.mark.parametrize('isa,steps,img_size,expected', [
+    ('AVX512', None, None, 'nhwc'), ('AVX512', 100, 224, 'nhwc'), ('AVX512', 2000, 224, 'nhwc_lka'),
+    ('AVX512', 440, 32, 'none'), ('AVX512', 5000, 32, 'nhwc_lka'),  # short runs of small images: nhwc lost
+    ('AVX2', None, None, 'none'), ('AVX2', 1999, 224, 'none'), ('AVX2', 5000, 224, 'nhwc_lka'),  # nhwc lost on AVX2
+    ('DEFAULT', 10 ** 6, 224, 'none'),  # not measured: the reference execution
+])
+def test_auto_picks_the_measured_mode(monkeypatch, isa, steps, img_size, expected):
+    monkeypatch.setattr(fast_ops, '_cpu_isa', lambda: isa)
+    assert fast_ops.auto_mode('cpu', steps, img_size) == expected
+    assert fast_ops.auto_mode('cuda', steps, img_size) == 'none' and fast_ops.auto_mode('npu', steps) == 'none'
+
+
+def test_cli_auto_resolves_with_the_run_length(monkeypatch):
+    from vancls.builders import set_fast_path
+    monkeypatch.setattr(fast_ops, '_cpu_isa', lambda: 'AVX512')
+    assert set_fast_path(_tiny_van(), 'auto', steps=10, img_size=224).fast_path == 'nhwc'
+    assert set_fast_path(_tiny_van(), 'auto', steps=10, img_size=32).fast_path == 'none'
+    assert set_fast_path(_tiny_van(), 'auto', steps=10 ** 5, img_size=32).fast_path == 'nhwc_lka'
+    assert set_fast_path(_tiny_van(), 'none', steps=10 ** 5).fast_path == 'none'
 
 
 # ---------------------------------------------------------------------------------------- equality (eager)

@@ -399,6 +399,7 @@ def test_image_unreadable_mid_training_is_skipped_and_counted(odd_tree, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_no_memory_or_descriptor_creep(digits_dir, tmp_path):
     """30 tiny epochs, each evaluated and checkpointed, loader workers started every epoch: after 5 warm-up
     epochs the process's RSS and open files stay put, no child process is left, and the folder holds only the

@@ -30,6 +30,7 @@ def _free_port():
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_digits_reaches_97_and_validate_agrees(digits_dir, tmp_path):
     out = tmp_path / 'out'
     r = run_cli('train.py', digits_dir, *DEMO_ARGS, '--output', out, '--experiment', 'demo', timeout=900)

@@ -59,8 +59,7 @@ def main(args):
     model, meta, data_config = builders.load_trained_model(args)
     model.to(device)
     files, errors = collect_files(args.inputs)
-    builders.set_fast_path(model, args.fast_path, steps=-(-len(files) // args.batch_size),
-                           img_size=data_config['input_size'][-1])
+    builders.set_fast_path(model, args.fast_path, -(-len(files) // args.batch_size), data_config['input_size'][-1])
     if not args.no_fuse and hasattr(model, 'fuse'):
         model = model.fuse()
     if args.compile:

@@ -179,7 +179,8 @@ class Run:
     epoch_state: Optional[EpochState] = None
     resume_rng: Optional[dict] = None
     report: Optional[RunReport] = None
-    lr_warning: Optional[str] = None  # logged by announce(), after resume: a failed resume writes nothing
+    notes: list = field(default_factory=list)  # logged by announce(), after resume: a failed resume writes nothing
+    lr_warning: Optional[str] = None  # likewise
     totals: dict = field(default_factory=lambda: {'images': 0, 'seconds': 0.})
     train_metrics: dict = field(default_factory=dict)
     eval_metrics: dict = field(default_factory=dict)
@@ -291,12 +292,13 @@ def setup(args, env) -> Run:
         raise UsageError(f'{len(train_ds)} training images give no full batch of {args.batch_size} per device '
                          f'x {env.world_size} devices: lower --batch-size')
     # The fast path is chosen knowing the run's length (forward passes), before torch.compile and DDP wrap it.
+    steps_per_epoch = min(steps_per_epoch, args.max_steps or steps_per_epoch)
     forward_passes = num_total_epochs(args) * steps_per_epoch * args.grad_accum_steps
-    builders.set_fast_path(model, args.fast_path, steps=forward_passes, img_size=data_config['input_size'][-1])
+    fast_path = builders.set_fast_path(model, args.fast_path, forward_passes, data_config['input_size'][-1])
     loop = TrainLoop(
         model=wrap_model(model, args, env), loader=train_loader, optimizer=optimizer,
         loss_fn=builders.create_train_loss(args, mixup_fn is not None).to(env.device), amp=amp, env=env,
-        steps_per_epoch=min(steps_per_epoch, args.max_steps or steps_per_epoch), lr_scheduler=lr_scheduler,
+        steps_per_epoch=steps_per_epoch, lr_scheduler=lr_scheduler,
         model_ema=ModelEmaV2(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
         if args.model_ema else None,
         mixup_fn=mixup_fn, grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad,
@@ -306,7 +308,7 @@ def setup(args, env) -> Run:
                                  decreasing=args.eval_metric == 'loss') if env.is_main else None
     return Run(args=args, env=env, out_dir=out_dir, logger=logger, amp=amp, train_ds=train_ds, val_ds=val_ds,
                class_names=class_names, model=model, loop=loop, train_sampler=train_sampler, eval_loader=eval_loader,
-               ckpt_mgr=ckpt_mgr, start_epoch=args.start_epoch or 0, lr_warning=lr_warning)
+               ckpt_mgr=ckpt_mgr, start_epoch=args.start_epoch or 0, notes=[fast_path], lr_warning=lr_warning)
 
 
 def resume(run: Run):
@@ -369,6 +371,8 @@ def announce(run: Run):
     run.logger.info(f'Global batch {args.batch_size * env.world_size * args.grad_accum_steps} ({args.batch_size} '
                     f'per device x {env.world_size} devices x {args.grad_accum_steps} accumulation steps), '
                     f'lr {args.lr:g}')
+    for note in run.notes:
+        run.logger.info(note)
     if run.lr_warning:
         run.logger.warning(f'warning: {run.lr_warning}')
     run.logger.info(

@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=8 validate.py DATA_DIR --model van_b2 --checkpoint ...   # sharded, exact counts
 """
 import json
+import logging
 import math
 import os
 import sys
@@ -48,7 +49,7 @@ def build_eval_model(args, env, num_classes: int, ckpt, num_batches: int, img_si
     if args.checkpoint:
         load_model_weights(model, args.checkpoint, use_ema=args.use_ema, checkpoint=ckpt)
     model.to(env.device).eval()
-    builders.set_fast_path(model, args.fast_path, num_batches, img_size)  # before fuse(): the fused copy follows it
+    logging.getLogger('vancls').info(builders.set_fast_path(model, args.fast_path, num_batches, img_size))
     if args.fuse:
         model = model.fuse()
     if args.channels_last:

@@ -156,10 +156,12 @@ def test_auto_picks_the_measured_mode(monkeypatch, isa, steps, img_size, expecte
 def test_cli_auto_resolves_with_the_run_length(monkeypatch):
     from vancls.builders import set_fast_path
     monkeypatch.setattr(fast_ops, '_cpu_isa', lambda: 'AVX512')
-    assert set_fast_path(_tiny_van(), 'auto', steps=10, img_size=224).fast_path == 'nhwc'
-    assert set_fast_path(_tiny_van(), 'auto', steps=10, img_size=32).fast_path == 'none'
-    assert set_fast_path(_tiny_van(), 'auto', steps=10 ** 5, img_size=32).fast_path == 'nhwc_lka'
-    assert set_fast_path(_tiny_van(), 'none', steps=10 ** 5).fast_path == 'none'
+    for steps, img_size, expected in ((10, 224, 'nhwc'), (10, 32, 'none'), (10 ** 5, 32, 'nhwc_lka')):
+        model = _tiny_van()
+        note = set_fast_path(model, 'auto', steps, img_size)
+        assert model.fast_path == expected and note.startswith(f'fast path auto: {expected} (cpu, {img_size} px')
+    model = _tiny_van()
+    assert set_fast_path(model, 'none', 10 ** 5) == 'fast path none' and model.fast_path == 'none'
 
 
 # ---------------------------------------------------------------------------------------- equality (eager)

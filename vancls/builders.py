@@ -261,19 +261,21 @@ def load_trained_model(args):
                    [str(i) for i in range(num_classes)]}, data_config
 
 
-def set_fast_path(model: nn.Module, mode: str, steps: Optional[int] = None, img_size: Optional[int] = None
-                  ) -> nn.Module:
-    """--fast-path for every CLI. 'auto' is resolved here, knowing the run (`steps` forward passes and the input
-    size; None: unknown): compiled kernels only where the run pays for their compile (models/fast_ops.auto_mode)."""
+def set_fast_path(model: nn.Module, mode: str, steps: Optional[int] = None, img_size: Optional[int] = None) -> str:
+    """--fast-path for every CLI; returns a line saying what runs. 'auto' is resolved here, knowing the run
+    (`steps` forward passes and the input size; None: unknown): compiled kernels only where the run pays for their
+    compile (models/fast_ops.auto_mode)."""
     from models.fast_ops import auto_mode
-    if hasattr(model, 'set_fast_path'):
-        try:
-            if mode == 'auto':
-                device = next(model.parameters()).device.type
-                mode = auto_mode(device, steps, img_size)
-                _logger.info(f'--fast-path auto: {mode} ({device}, {img_size or "?"} px, '
-                             f'{steps if steps is not None else "unknown"} steps)')
-            model.set_fast_path(mode)
-        except ValueError as e:
-            raise UsageError(f'--fast-path: {e}') from None
-    return model
+    if not hasattr(model, 'set_fast_path'):
+        return f'fast path: {type(model).__name__} has none'
+    note = f'fast path {mode}'
+    try:
+        if mode == 'auto':
+            device = next(model.parameters()).device.type
+            mode = auto_mode(device, steps, img_size)
+            note = (f'fast path auto: {mode} ({device}, {img_size or "?"} px, '
+                    f'{steps if steps is not None else "unknown"} forward passes)')
+        model.set_fast_path(mode)
+    except ValueError as e:
+        raise UsageError(f'--fast-path: {e}') from None
+    return note

@@ -2,17 +2,13 @@
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-import train  # noqa: E402
-from vancls import builders  # noqa: E402
-from vancls.config import UsageError, parse_with_config  # noqa: E402
+import train
+from conftest import ROOT
+from vancls import builders
+from vancls.config import UsageError, parse_with_config
 
 # The reference ImageNet-1K recipe (VAN.md), as train.py option values.
 RECIPE = dict(
@@ -31,7 +27,7 @@ def _parse(argv):
 
 @pytest.mark.parametrize('name', sorted(DROP_PATH))
 def test_config_parses_into_train_args(name):
-    path = os.path.join(_ROOT, 'configs', f'{name}.yaml')
+    path = os.path.join(ROOT, 'configs', f'{name}.yaml')
     args = _parse(['-c', path, 'DATA'])  # unknown keys would raise UsageError here
     assert args.data_dir == 'DATA' and args.model == name and args.config == path
     for key, value in dict(RECIPE, drop_path=DROP_PATH[name]).items():
@@ -64,15 +60,15 @@ def _urls(text):
 
 def _repo_files():
     try:
-        out = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard', '-z'], cwd=_ROOT, check=True,
+        out = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard', '-z'], cwd=ROOT, check=True,
                              capture_output=True).stdout
     except (OSError, subprocess.CalledProcessError):
         pytest.skip('not a git work tree: the file list comes from git ls-files')
-    return [f for f in out.decode().split('\0') if f and os.path.isfile(os.path.join(_ROOT, f))]
+    return [f for f in out.decode().split('\0') if f and os.path.isfile(os.path.join(ROOT, f))]
 
 
 def _statement_urls():
-    with open(os.path.join(_ROOT, 'public_address_statement.md'), encoding='utf-8') as f:
+    with open(os.path.join(ROOT, 'public_address_statement.md'), encoding='utf-8') as f:
         return _urls(f.read())
 
 
@@ -91,7 +87,7 @@ def test_every_public_address_is_in_the_statement():
     listed = _statement_urls()
     missing = {}
     for rel in _repo_files():
-        with open(os.path.join(_ROOT, rel), 'rb') as f:
+        with open(os.path.join(ROOT, rel), 'rb') as f:
             text = f.read(2_000_000).decode('utf-8', errors='ignore')
         for url in _urls(text):
             if not _listed(url, listed):
@@ -120,7 +116,7 @@ def test_address_check_catches_an_unlisted_address():
 # ----------------------------------------------------------------------------------- requirement files
 
 def _requirements(name):
-    with open(os.path.join(_ROOT, name)) as f:
+    with open(os.path.join(ROOT, name)) as f:
         lines = [line.split('#')[0].strip() for line in f]
     return dict(line.split('==') for line in lines if line)
 
@@ -136,7 +132,7 @@ def test_requirement_files_pin_the_ported_stack(name, torchvision):
 
 
 def test_legacy_ci_installs_the_oldest_pinned_timm():
-    with open(os.path.join(_ROOT, '.ci', 'legacy_timm.sh')) as f:
+    with open(os.path.join(ROOT, '.ci', 'legacy_timm.sh')) as f:
         script = f.read()
     oldest = min((_requirements(n)['timm'] for n in ('1.5_requirements.txt', '1.8_requirements.txt')),
                  key=lambda v: tuple(int(p) for p in v.split('.')))

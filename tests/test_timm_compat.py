@@ -1,23 +1,17 @@
 """models/timm_compat.py: the same behaviour on timm 1.x and on timm 0.4.12 (run by both the normal suite and the
 legacy-timm pass, .ci/legacy_timm.sh)."""
 import math
-import os
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-import timm  # noqa: E402
-import models  # noqa: E402,F401
-from models import timm_compat as tc  # noqa: E402
-from vancls import builders  # noqa: E402
-from vancls.data import build_transform  # noqa: E402
-from PIL import Image  # noqa: E402
+import timm
+import models  # noqa: F401
+from models import timm_compat as tc
+from vancls import builders
+from vancls.data import build_transform
+from PIL import Image
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -249,13 +249,24 @@ def build_model(args, env, num_classes: int):
     return model
 
 
+def no_buffer_sync_kwargs(no_sync: bool) -> dict:
+    """DDP's keyword for --no-ddp-bb (no buffer broadcast each forward): forward_sync_buffers where torch has it
+    (its broadcast_buffers is deprecated there), else broadcast_buffers. Nothing when buffers are synced (default)."""
+    if not no_sync:
+        return {}
+    import inspect
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    name = 'forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(DDP).parameters else 'broadcast_buffers'
+    return {name: False}
+
+
 def wrap_model(model, args, env):
     """torch.compile, then DDP: the module that trains (the unwrapped one is saved and evaluated)."""
     wrapped = torch.compile(model) if args.compile else model
     if env.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [env.device.index] if env.device.type in ('cuda', 'npu') else None
-        wrapped = DDP(wrapped, device_ids=ids, broadcast_buffers=not args.no_ddp_bb)
+        wrapped = DDP(wrapped, device_ids=ids, **no_buffer_sync_kwargs(args.no_ddp_bb))
     return wrapped
 
 

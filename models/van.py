@@ -62,15 +62,17 @@ class Conv2d(nn.Conv2d):
         return super().extra_repr() + ('' if self.kernel == 'torch' else f', kernel={self.kernel}')
 
 
-def layer_norm_channels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm over dim 1 of a (B, C, H, W) map, returned in the input's memory format.
+def layer_norm_channels(x: torch.Tensor, normalized_shape: List[int], weight: torch.Tensor, bias: torch.Tensor,
+                        eps: float) -> torch.Tensor:
+    """LayerNorm over dim 1 of a (B, C, H, W) map (normalized_shape: [C], the module's: a constant for tracers and
+    ONNX export), returned in the input's memory format.
 
     Normalizes an NHWC view: no copy on channels_last input; NCHW input is made NCHW again, so that the next
     stage's convolutions (and DDP's gradient buckets) stay in one layout. A leaf for torch.fx (below): the layout
     test is a Python branch on the tensor, which symbolic tracing cannot follow.
     """
     channels_last = x.is_contiguous(memory_format=torch.channels_last)
-    y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
+    y = F.layer_norm(x.permute(0, 2, 3, 1), normalized_shape, weight, bias, eps).permute(0, 3, 1, 2)
     return y if channels_last else y.contiguous()
 
 
@@ -244,7 +246,7 @@ class LayerNormChannels(nn.LayerNorm):
     """LayerNorm over the channels of an NCHW map; same parameters (and keys) as the reference's nn.LayerNorm."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm_channels(x, self.weight, self.bias, self.eps)
+        return layer_norm_channels(x, list(self.normalized_shape), self.weight, self.bias, self.eps)
 
 
 # ---------------------------------------------------------------------------------------------------------- model

@@ -22,7 +22,8 @@ from vancls.checkpoint import (CHECKPOINT_VERSION, LAST, RECOVERY, CheckpointErr
                                remove_stale_temporaries, resume_position, rng_state, set_rng_state)
 from vancls.config import UsageError, add_options, new_parser, run_cli
 from vancls.data import build_datasets, build_loader, resolve_data_dir
-from vancls.device import Amp, cleanup_distributed, default_workers, peak_memory_mb, setup_distributed
+from vancls.device import (Amp, cleanup_distributed, default_workers, leave_together, peak_memory_mb,
+                           setup_distributed)
 from vancls.engine import EpochState, TrainLoop, evaluate, train_one_epoch
 from vancls.preempt import DEFAULT_SIGNALS, PreemptionHandler, parse_signals
 from vancls.reports import RunReport, save_args, setup_logging, write_json
@@ -217,7 +218,9 @@ def main(args):
         with PreemptionHandler(args.preempt_signals, env) as preempt:
             run.loop.should_stop = preempt.should_stop
             status = train_epochs(run, preempt)
-        return status or finish(run)
+        result = status or finish(run)
+        leave_together(env)
+        return result
     finally:
         cleanup_distributed()
 

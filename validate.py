@@ -17,7 +17,7 @@ from vancls import builders, reference_compat
 from vancls.checkpoint import checkpoint_meta, load_model_weights, read_checkpoint
 from vancls.config import UsageError, add_options, new_parser, run_cli
 from vancls.data import build_datasets, build_loader
-from vancls.device import Amp, cleanup_distributed, default_workers, setup_distributed
+from vancls.device import Amp, cleanup_distributed, default_workers, leave_together, setup_distributed
 from vancls.engine import evaluate
 from vancls.reports import setup_logging, write_json
 
@@ -38,7 +38,9 @@ def main(args):
         raise UsageError('give --checkpoint PATH (or --pretrained for the official weights)')
     env = setup_distributed(args.device)
     try:
-        return _validate(args, env)
+        results = _validate(args, env)
+        leave_together(env)
+        return results
     finally:
         cleanup_distributed()
 

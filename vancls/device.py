@@ -108,6 +108,15 @@ def setup_distributed(requested: str = 'auto', timeout_min: int = 30) -> DistEnv
                    backend=backend if world_size > 1 else None)
 
 
+def leave_together(env: 'DistEnv'):
+    """A barrier at the end of a successful distributed run: no rank tears its process group down while another
+    (rank 0, writing the last files) still holds connections to it; gloo then aborted the early rank (SIGABRT,
+    'terminate called without an active exception'). Only on success: after an error on one rank, the others may be
+    inside another collective."""
+    if env.distributed and dist.is_initialized():
+        dist.barrier()
+
+
 def cleanup_distributed():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

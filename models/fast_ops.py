@@ -9,16 +9,14 @@ layout follows their input.
 Modes (`fast_path=` model kwarg, `VAN.set_fast_path`, `--fast-path`):
 
   'none'      the reference's execution: every convolution through F.conv2d, memory layout as the input's.
-  'nhwc'      activations in channels_last memory (NCHW shape, NHWC strides) through the whole network:
-              1x1 convolutions as GEMMs over the channel dimension (F.linear on an NHWC view, kernel 'gemm'),
-              depth-wise and strided ones through the backend's channels_last kernels inside a custom op
-              ('channels_last', van_fast::conv2d_nhwc, so that neither autograd nor torch.compile can hand
-              oneDNN/cuDNN an NCHW tensor). BatchNorm, LayerNorm and the element-wise ops run on the same
-              channels_last tensors without copies. Eager, no compilation.
+  'nhwc'      activations in channels_last memory (NCHW shape, NHWC strides) through the whole network, every
+              convolution through the backend's channels_last kernels (oneDNN on CPU; 'channels_last'), 1x1
+              convolutions on small maps as GEMMs over the channel dimension ('pointwise'). BatchNorm, LayerNorm
+              and the element-wise ops run on the same channels_last tensors without copies. Eager, no compilation.
   'nhwc_lka'  'nhwc' with LKA's large depth-wise convolutions ('dw_shift', van_fast::dwconv_nhwc): the 7x7
               dilated conv (forward and both gradients) and the 5x5's weight gradient as sums of shifted
-              multiply-adds compiled by Inductor (static shapes; see `dw_plan`). A cold compile of a dozen
-              small kernels per model/input/batch size, then Inductor's on-disk cache serves them.
+              multiply-adds compiled by Inductor (static shapes; see `dw_plan`). A cold compile of a few small
+              kernels per model/input/batch size, then Inductor's on-disk cache serves them.
   'auto'      what measured fastest: `auto_mode(device_type, steps)`, from the tables `AUTO_MODES` (short runs
               or runs of unknown length: no compilation) and `AUTO_MODES_LONG` (runs long enough to pay for
               nhwc_lka's cold compile), keyed by device type and, on the CPU, the vector ISA ATen dispatches
@@ -130,76 +128,7 @@ def _custom_op(name: str) -> Callable:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Convolutions on NHWC-contiguous tensors (the custom ops). `x` is a contiguous (B, H, W, C) tensor.
-
-def _like_param(grad: torch.Tensor) -> torch.Tensor:
-    """A weight gradient in canonical contiguous strides, as the fake kernels and the parameters have them.
-
-    oneDNN returns weight grads channels_last, and depth-wise ones with an odd stride on their size-1 dim, which
-    DDP's gradient buckets warn about (and compiled graphs assert on)."""
-    return grad.contiguous().view(-1).view(grad.shape)
-
-
-def _conv_out_size(n: int, k: int, stride: int, padding: int, dilation: int) -> int:
-    return (n + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-
-
-@_custom_op('van_fast::conv2d_nhwc')
-def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                stride: int, padding: int, dilation: int, groups: int) -> torch.Tensor:
-    """F.conv2d for x: (B, H, W, Cin) contiguous -> (B, Ho, Wo, Cout) contiguous (channels_last kernels)."""
-    y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, stride, padding, dilation, groups)
-    return y.permute(0, 2, 3, 1).contiguous()  # no copy: the backends return channels_last here
-
-
-@conv2d_nhwc.register_fake
-def _conv2d_nhwc_fake(x, weight, bias, stride, padding, dilation, groups):
-    b, h, w, _ = x.shape
-    kh, kw = weight.shape[-2:]
-    return x.new_empty(b, _conv_out_size(h, kh, stride, padding, dilation),
-                       _conv_out_size(w, kw, stride, padding, dilation), weight.shape[0])
-
-
-@_custom_op('van_fast::conv2d_nhwc_backward')
-def conv2d_nhwc_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
-                         stride: int, padding: int, dilation: int, groups: int,
-                         need_input: bool, need_weight: bool) -> List[torch.Tensor]:
-    """(grad_x NHWC, grad_weight, grad_bias); entries not needed are empty tensors."""
-    gx, gw, gb = torch.ops.aten.convolution_backward(
-        grad.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight, [weight.shape[0]] if has_bias else None,
-        [stride, stride], [padding, padding], [dilation, dilation], False, [0, 0], groups,
-        [need_input, need_weight, has_bias])
-    empty = grad.new_empty(0)
-    gx = gx.permute(0, 2, 3, 1).contiguous() if gx is not None else empty
-    return [gx, _like_param(gw) if gw is not None else empty, gb if gb is not None else empty]
-
-
-@conv2d_nhwc_backward.register_fake
-def _conv2d_nhwc_backward_fake(grad, x, weight, has_bias, stride, padding, dilation, groups, need_input,
-                               need_weight):
-    empty = grad.new_empty(0)
-    return [x.new_empty(x.shape) if need_input else empty,
-            weight.new_empty(weight.shape) if need_weight else empty,
-            grad.new_empty(weight.shape[0]) if has_bias else empty]
-
-
-def _conv2d_nhwc_setup(ctx, inputs, output):
-    x, weight, bias, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.conf = (bias is not None, stride, padding, dilation, groups)
-
-
-def _conv2d_nhwc_bwd(ctx, grad):
-    x, weight = ctx.saved_tensors
-    has_bias, stride, padding, dilation, groups = ctx.conf
-    gx, gw, gb = conv2d_nhwc_backward(grad.contiguous(), x, weight, has_bias, stride, padding, dilation, groups,
-                                      ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-    return (gx if ctx.needs_input_grad[0] else None, gw if ctx.needs_input_grad[1] else None,
-            gb if has_bias and ctx.needs_input_grad[2] else None, None, None, None, None)
-
-
-conv2d_nhwc.register_autograd(_conv2d_nhwc_bwd, setup_context=_conv2d_nhwc_setup)
-
+# Depth-wise convolutions of NHWC-contiguous tensors as compiled shifted multiply-adds (the custom ops).
 
 def _conv_args(conv: nn.Conv2d, x: torch.Tensor):
     """(x, weight, bias) in one dtype: autocast's (as F.conv2d would run) or else x's.
@@ -222,12 +151,11 @@ def _conv_args(conv: nn.Conv2d, x: torch.Tensor):
 
 
 # Depth-wise 'same' convolutions as sums of k*k shifted multiply-adds on NHWC tensors, compiled by Inductor into
-# one vectorized loop nest each (C++ on CPU). Three kernels: the forward (which is also the input gradient: the
-# same correlation with the kernel flipped) and the weight + bias gradients as one fused reduction.
-# Per kernel, measured with van_b0's stage shapes on the 2-core CPU of docs/PERFORMANCE.md:
-# oneDNN's channels_last kernels are fast for undilated forward passes, several times slower than the shifted
-# sums for dilation and for weight gradients; for the MLP's 3x3 the shifted weight gradient is the slower one. Hence `dw_plan`: dilated -> shift everywhere; undilated k >= 5 -> oneDNN forward/input grad, shift
-# weight grad; 3x3 -> oneDNN everywhere (plain conv2d_nhwc).
+# one vectorized loop nest each (C++ on CPU). Two kernels: the forward (which is also the input gradient: the same
+# correlation with the kernel flipped) and the weight + bias gradients as one fused reduction. oneDNN's
+# channels_last kernels are fast for undilated forward passes and slow for dilation and for large weight gradients
+# (docs/PERFORMANCE.md), hence `dw_plan`: LKA's dilated 7x7 runs shifted sums for everything, its 5x5 for the
+# weight gradient only. The MLP's 3x3 (4-8x wider tensors) is faster in oneDNN throughout and keeps it.
 
 def _dw_shift_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int, d: int) -> torch.Tensor:
     """x: (B, H, W, C); w: (k*k, C) taps in row-major order; b: (C,); padding d*(k//2), stride 1."""
@@ -294,45 +222,39 @@ def _taps(weight: torch.Tensor, flip: bool = False) -> torch.Tensor:
 
 @_custom_op('van_fast::dwconv_nhwc')
 def dwconv_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int,
-                shift_fwd: bool, shift_wgrad: bool) -> torch.Tensor:
+                shift_fwd: bool) -> torch.Tensor:
     """Depth-wise conv (weight (C, 1, k, k), padding dilation*(k//2), stride 1) of an NHWC-contiguous x.
 
-    shift_fwd: forward and input gradient as compiled shifted multiply-adds (else oneDNN/cuDNN);
-    shift_wgrad: weight and bias gradients as one compiled reduction (else the backend's).
+    shift_fwd: forward and input gradient as compiled shifted multiply-adds (else the backend's); the weight and
+    bias gradients are always one compiled reduction.
     """
     c, k = weight.shape[0], weight.shape[-1]
     if shift_fwd:
         return _shift_conv(x, _taps(weight), bias if bias is not None else x.new_zeros(c), k, dilation)
     y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, 1, dilation * (k // 2), dilation, c)
-    return y.permute(0, 2, 3, 1).contiguous()
+    return y.permute(0, 2, 3, 1).contiguous()  # no copy: the backends return channels_last here
 
 
 @dwconv_nhwc.register_fake
-def _dwconv_nhwc_fake(x, weight, bias, dilation, shift_fwd, shift_wgrad):
+def _dwconv_nhwc_fake(x, weight, bias, dilation, shift_fwd):
     return x.new_empty(x.shape)
 
 
 @_custom_op('van_fast::dwconv_nhwc_backward')
 def dwconv_nhwc_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dilation: int,
-                         shift_fwd: bool, shift_wgrad: bool, need_input: bool, need_weight: bool
-                         ) -> List[torch.Tensor]:
+                         shift_fwd: bool, need_input: bool, need_weight: bool) -> List[torch.Tensor]:
     """(grad_x, grad_weight, grad_bias); entries not needed are empty tensors."""
     c, k = weight.shape[0], weight.shape[-1]
     p = dilation * (k // 2)
     empty = grad.new_empty(0)
     gx = gw = gb = empty
-    backend_mask = [need_input and not shift_fwd, need_weight and not shift_wgrad, need_weight and not shift_wgrad]
-    if any(backend_mask):
-        bgx, bgw, bgb = torch.ops.aten.convolution_backward(
-            grad.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight, [c], [1, 1], [p, p], [dilation, dilation],
-            False, [0, 0], c, backend_mask)
-        if backend_mask[0]:
-            gx = bgx.permute(0, 2, 3, 1).contiguous()
-        if backend_mask[1]:
-            gw, gb = _like_param(bgw), bgb
     if need_input and shift_fwd:
         gx = _shift_conv(grad, _taps(weight, flip=True), grad.new_zeros(c), k, dilation)
-    if need_weight and shift_wgrad:
+    elif need_input:
+        gx = torch.ops.aten.convolution_backward(
+            grad.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight, [c], [1, 1], [p, p], [dilation, dilation],
+            False, [0, 0], c, [True, False, False])[0].permute(0, 2, 3, 1).contiguous()
+    if need_weight:
         wb = _kernel(_dw_shift_wgrad, ('wgrad', k, dilation, tuple(x.shape), x.dtype))(x, grad, k, dilation)
         gw = wb[:k * k].t().reshape(weight.shape).contiguous()
         gb = wb[k * k].contiguous()
@@ -340,7 +262,7 @@ def dwconv_nhwc_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tens
 
 
 @dwconv_nhwc_backward.register_fake
-def _dwconv_nhwc_backward_fake(grad, x, weight, dilation, shift_fwd, shift_wgrad, need_input, need_weight):
+def _dwconv_nhwc_backward_fake(grad, x, weight, dilation, shift_fwd, need_input, need_weight):
     empty = grad.new_empty(0)
     return [x.new_empty(x.shape) if need_input else empty,
             weight.new_empty(weight.shape) if need_weight else empty,
@@ -348,9 +270,9 @@ def _dwconv_nhwc_backward_fake(grad, x, weight, dilation, shift_fwd, shift_wgrad
 
 
 def _dwconv_nhwc_setup(ctx, inputs, output):
-    x, weight, bias, dilation, shift_fwd, shift_wgrad = inputs
+    x, weight, bias, dilation, shift_fwd = inputs
     ctx.save_for_backward(x, weight)
-    ctx.conf = (dilation, shift_fwd, shift_wgrad)
+    ctx.conf = (dilation, shift_fwd)
     ctx.has_bias = bias is not None
 
 
@@ -359,50 +281,55 @@ def _dwconv_nhwc_bwd(ctx, grad):
     need_w = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
     gx, gw, gb = dwconv_nhwc_backward(grad.contiguous(), x, weight, *ctx.conf, ctx.needs_input_grad[0], need_w)
     return (gx if ctx.needs_input_grad[0] else None, gw if ctx.needs_input_grad[1] else None,
-            gb if ctx.has_bias and ctx.needs_input_grad[2] else None, None, None, None)
+            gb if ctx.has_bias and ctx.needs_input_grad[2] else None, None, None)
 
 
 dwconv_nhwc.register_autograd(_dwconv_nhwc_bwd, setup_context=_dwconv_nhwc_setup)
 
 
-def dw_plan(conv: nn.Conv2d) -> Optional[Tuple[bool, bool]]:
-    """(shift_fwd, shift_wgrad) for a depth-wise, stride-1, 'same' conv with k >= 5; None: use the backend."""
+def dw_plan(conv: nn.Conv2d) -> Optional[bool]:
+    """For a depth-wise, stride-1, 'same' conv with odd k >= 5: whether its forward and input gradient run as
+    shifted sums too (dilated) or through the backend (undilated); None: not such a conv, use the backend."""
     k = conv.kernel_size[0]
     if not (conv.groups == conv.in_channels == conv.out_channels and conv.kernel_size == (k, k) and k >= 5
             and k % 2 == 1 and conv.stride == (1, 1) and conv.dilation[0] == conv.dilation[1]
             and conv.padding == (conv.dilation[0] * (k // 2),) * 2 and conv.padding_mode == 'zeros'):
         return None
-    return (conv.dilation[0] > 1, True)
-
-
+    return conv.dilation[0] > 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The kernels a `van.Conv2d` can run: f(conv, x) with x of shape (B, C, H, W) in any memory layout, returning
 # (B, C_out, H_out, W_out) in channels_last memory (a permuted view of a contiguous NHWC tensor).
 
-def conv_gemm(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """A 1x1, stride-1, ungrouped convolution as one matrix multiplication over the channel dimension."""
-    y = F.linear(x.permute(0, 2, 3, 1), conv.weight.view(conv.out_channels, conv.in_channels), conv.bias)
-    return y.permute(0, 3, 1, 2)
+# A 1x1 convolution over fewer pixels (batch x height x width) than this runs as a GEMM: there the backend's
+# convolution costs more per call than it computes (stages 3-4 at 32 px); above it oneDNN's channels_last 1x1
+# convolution was about 2x faster than the GEMM, forward + backward (benchmarks/pointwise_conv.py).
+POINTWISE_GEMM_MAX_PIXELS = 512
 
 
 def conv_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Any square convolution (depth-wise, dilated, strided) through the backend's channels_last kernels."""
-    x, w, b = _conv_args(conv, x.permute(0, 2, 3, 1).contiguous())  # free when x is channels_last already
-    y = conv2d_nhwc(x, w, b, conv.stride[0], conv.padding[0], conv.dilation[0], conv.groups)
+    """Any convolution through the backend's (oneDNN's, cuDNN's) channels_last kernels."""
+    return conv._conv_forward(x.contiguous(memory_format=torch.channels_last), conv.weight, conv.bias)
+
+
+def conv_pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1, stride-1, ungrouped convolution: a GEMM over the channel dimension (F.linear on an NHWC view) for
+    small maps, else `conv_channels_last` (also when traced: one plain op, whatever the traced size)."""
+    if torch.jit.is_tracing() or x.shape[0] * x.shape[2] * x.shape[3] >= POINTWISE_GEMM_MAX_PIXELS:
+        return conv_channels_last(conv, x)
+    y = F.linear(x.permute(0, 2, 3, 1), conv.weight.view(conv.out_channels, conv.in_channels), conv.bias)
     return y.permute(0, 3, 1, 2)
 
 
 def conv_dw_shift(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """A large depth-wise 'same' convolution per `dw_plan` (compiled shifted sums where they are faster)."""
-    shift_fwd, shift_wgrad = dw_plan(conv)
-    x, w, b = _conv_args(conv, x.permute(0, 2, 3, 1).contiguous())
-    return dwconv_nhwc(x, w, b, conv.dilation[0], shift_fwd, shift_wgrad).permute(0, 3, 1, 2)
+    x, w, b = _conv_args(conv, x.permute(0, 2, 3, 1).contiguous())  # free when x is channels_last already
+    return dwconv_nhwc(x, w, b, conv.dilation[0], dw_plan(conv)).permute(0, 3, 1, 2)
 
 
 _CONV_KERNELS: Dict[str, Callable[[nn.Conv2d, torch.Tensor], torch.Tensor]] = {
-    'gemm': conv_gemm, 'channels_last': conv_channels_last, 'dw_shift': conv_dw_shift,
+    'pointwise': conv_pointwise, 'channels_last': conv_channels_last, 'dw_shift': conv_dw_shift,
 }
 
 
@@ -411,7 +338,7 @@ def conv_kernel(conv: nn.Conv2d, mode: str) -> str:
     if mode == 'none':
         return 'torch'
     if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1:
-        return 'gemm'
+        return 'pointwise'
     if mode == 'nhwc_lka' and dw_plan(conv) is not None:
         return 'dw_shift'
     return 'channels_last'

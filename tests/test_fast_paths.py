@@ -124,9 +124,9 @@ def test_kernels_per_mode():
              'lka_7x7_d3': blk.attn.spatial_gating_unit.conv_spatial, 'mlp_3x3': blk.mlp.dwconv.dwconv}
     expected = {
         'none': dict(stem='torch', pointwise='torch', lka_5x5='torch', lka_7x7_d3='torch', mlp_3x3='torch'),
-        'nhwc': dict(stem='channels_last', pointwise='gemm', lka_5x5='channels_last', lka_7x7_d3='channels_last',
-                     mlp_3x3='channels_last'),
-        'nhwc_lka': dict(stem='channels_last', pointwise='gemm', lka_5x5='dw_shift', lka_7x7_d3='dw_shift',
+        'nhwc': dict(stem='channels_last', pointwise='pointwise', lka_5x5='channels_last',
+                     lka_7x7_d3='channels_last', mlp_3x3='channels_last'),
+        'nhwc_lka': dict(stem='channels_last', pointwise='pointwise', lka_5x5='dw_shift', lka_7x7_d3='dw_shift',
                          mlp_3x3='channels_last'),
     }
     for mode, kernels in expected.items():
@@ -135,7 +135,7 @@ def test_kernels_per_mode():
         assert all(isinstance(c, Conv2d) for c in convs.values())
     assert fast_ops.resolve_fast_path('auto', 'cuda') == 'none' and fast_ops.resolve_fast_path('auto', 'npu') == 'none'
     m.set_fast_path('auto')
-    assert convs['pointwise'].kernel == ('torch' if fast_ops.auto_mode('cpu') == 'none' else 'gemm')  # this CPU's
+    assert convs['pointwise'].kernel == ('torch' if fast_ops.auto_mode('cpu') == 'none' else 'pointwise')  # this CPU's
     with torch.device('meta'):
         meta = _tiny_van(fast_path='auto')
     assert meta.block1[0].attn.proj_1.kernel == 'torch'  # no kernels for the meta device
@@ -165,6 +165,27 @@ def test_cli_auto_resolves_with_the_run_length(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------- equality (eager)
+
+@pytest.mark.parametrize('pixels', [fast_ops.POINTWISE_GEMM_MAX_PIXELS - 1, fast_ops.POINTWISE_GEMM_MAX_PIXELS])
+def test_pointwise_kernel_equals_conv(pixels):
+    """Both sides of the GEMM / backend switch of 1x1 convolutions: same values and gradients as F.conv2d, output
+    in channels_last memory."""
+    g = torch.Generator().manual_seed(3)
+    conv = Conv2d(6, 10, 1)
+    x = torch.randn(pixels, 6, 1, 1, generator=g).requires_grad_()  # batch x 1 x 1 pixels
+    gy = torch.randn(pixels, 10, 1, 1, generator=g)
+    y = fast_ops.conv_pointwise(conv, x)
+    y.backward(gy)
+    got = (y.detach(), x.grad, conv.weight.grad, conv.bias.grad)
+    x2 = x.detach().clone().requires_grad_()
+    conv.zero_grad()
+    y2 = F.conv2d(x2, conv.weight, conv.bias)
+    y2.backward(gy)
+    for a, b, what in zip(got, (y2.detach(), x2.grad, conv.weight.grad, conv.bias.grad), 'y dx dw db'.split()):
+        _close(a, b, REL, f'{pixels} pixels {what}')
+    x3 = torch.randn(2, 6, 16, pixels // 32 + 1, generator=g)  # a real map: NHWC strides out
+    assert fast_ops.conv_pointwise(conv, x3).is_contiguous(memory_format=torch.channels_last)
+
 
 @pytest.mark.parametrize('mode', EAGER_MODES)
 def test_train_step_equal(b0, batch, mode):
@@ -309,10 +330,10 @@ def test_lka_kernels_equal(tiny_batch):
     for k, d in ((7, 3), (5, 1)):
         conv = nn.Conv2d(8, 8, k, padding=d * (k // 2), dilation=d, groups=8)
         plan = dw_plan(conv)
-        assert plan == (d > 1, True)
+        assert plan == (d > 1)
         x = torch.randn(2, 8, 8, 8, generator=g, requires_grad=True)  # B, H, W, C
         gy = torch.randn(2, 8, 8, 8, generator=g)
-        y = dwconv_nhwc(x, conv.weight, conv.bias, d, *plan)
+        y = dwconv_nhwc(x, conv.weight, conv.bias, d, plan)
         y.backward(gy)
         got = (y.detach(), x.grad, conv.weight.grad, conv.bias.grad)
         x2 = x.detach().clone().requires_grad_()

@@ -187,9 +187,10 @@ def count_flops(model: nn.Module, img_size: int, in_chans: int = 3) -> Optional[
 # ----------------------------------------------------------------------------------------------------------------
 # Runners
 
-def _resolve(mode: str, device: torch.device) -> str:
-    from models.fast_ops import resolve_fast_path
-    return resolve_fast_path(mode, device.type)
+def _resolve(mode: str, device: torch.device, args) -> str:
+    """The concrete mode: 'auto' as train.py resolves it for a run of --run-steps forward passes at --img-size."""
+    from models.fast_ops import auto_mode
+    return auto_mode(device.type, args.run_steps, args.img_size) if mode == 'auto' else mode
 
 
 class Runner:
@@ -199,9 +200,10 @@ class Runner:
         self.spec, self.name, self.train = spec, spec['name'], train
         opts = spec['options']
         self.device = device
+        self.kernels = _resolve(spec['fast_path'], device, args)
         model = copy.deepcopy(base_model).to(device)
         if hasattr(model, 'set_fast_path'):
-            model.set_fast_path(spec['fast_path'])
+            model.set_fast_path(self.kernels)
         elif spec['fast_path'] != 'none':
             raise ValueError(f'{args.model} has no fast paths (set_fast_path)')
         self.memory_format = torch.channels_last if 'cl' in opts else torch.contiguous_format
@@ -233,7 +235,7 @@ class Runner:
         self.freeze = 'freeze' in opts and not train
         self.compile_requested = 'compile' in opts or args.compile or self.freeze
         # modes that compile kernels on first use (see models/fast_ops.py)
-        self.compiles = self.compile_requested or _resolve(spec['fast_path'], device) == 'nhwc_lka'
+        self.compiles = self.compile_requested or self.kernels == 'nhwc_lka'
         if self.freeze:
             from models.fast_ops import compile_inference
             self.fn = compile_inference(model, device.type)
@@ -348,7 +350,8 @@ def run_benchmark(args) -> Dict[str, Any]:
             flops = None if flops_fwd is None else flops_fwd * args.batch_size * (3 if train else 1)
             mfu_peak = peak_amp if r.amp else peak
             res = dict(
-                config=r.name, mode=mode, model=args.model, img_size=args.img_size, batch_size=args.batch_size,
+                config=r.name if r.kernels == r.spec['fast_path'] else f'{r.name} ({r.kernels})', mode=mode,
+                model=args.model, img_size=args.img_size, batch_size=args.batch_size,
                 device=str(device), amp=r.amp, amp_dtype=args.amp_dtype if r.amp else None,
                 compiled=r.compiles,
                 step_s_median=med, step_s_min=min(r.times), step_s_all=r.times,
@@ -439,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--baseline', default='none', help="spec the ratios are taken against (default 'none')")
     p.add_argument('--fast-path', dest='fast_path_alias', default=None,
                    help='shorthand for --config MODE (a fast-path mode without options)')
+    p.add_argument('--run-steps', type=int, default=None, metavar='N',
+                   help="the run 'auto' is resolved for, in forward passes, as train.py resolves it from the epochs "
+                        "and the data set (default: unknown, i.e. a short run; 2000 or more: a long run)")
     p.add_argument('--amp', action='store_true', help='autocast every configuration (see also the amp option)')
     p.add_argument('--amp-dtype', choices=('bfloat16', 'float16'), default='bfloat16')
     p.add_argument('--compile', action='store_true', help='torch.compile every configuration')

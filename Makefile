@@ -12,7 +12,7 @@ DEMO_EXP := digits-demo-$(shell date +%Y%m%d-%H%M%S)
 DEMO_ARGS ?= --model van_b0 --img-size 32 -b 32 --lr 2e-3 --epochs 10 --cooldown-epochs 0 --warmup-epochs 0 --aa none --reprob 0 \
 	--mixup 0 --cutmix 0 --smoothing 0 --hflip 0 --scale 0.6 1 --drop-path 0 --workers 2 --log-interval 20
 
-.PHONY: setup demo test test-fast clean-demo
+.PHONY: setup demo demo-args test test-fast clean-demo
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ demo: setup
 	$(PY) train.py data/digits $(DEMO_ARGS) --device cpu --output $(DEMO_OUT) --experiment $(DEMO_EXP)
 	$(PY) validate.py data/digits --model van_b0 --img-size 32 --device cpu -j 2 \
 		--checkpoint $(DEMO_OUT)/$(DEMO_EXP)/model_best.pth.tar --results-file $(DEMO_OUT)/$(DEMO_EXP)/validate.json
+
+demo-args:  # the demo recipe, for scripts (benchmarks/cpu_train_runs.sh)
+	@echo $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile tests $(PYTEST_ARGS)

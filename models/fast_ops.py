@@ -41,9 +41,9 @@ import torch.nn.functional as F
 
 __all__ = [
     'FAST_PATH_MODES', 'AUTO_MODES', 'AUTO_MODES_LONG', 'AUTO_LONG_RUN_STEPS', 'AUTO_MIN_IMG_SIZE',
-    'FAST_PATHS_AVAILABLE',
-    'fast_path_modes', 'check_fast_path', 'auto_mode', 'resolve_fast_path', 'conv_kernel', 'run_conv', 'dw_plan', 'bn_affine', 'fold_affine_into_input',
-    'scale_output', 'compile_inference',
+    'FAST_PATHS_AVAILABLE', 'POINTWISE_GEMM_MAX_PIXELS',
+    'fast_path_modes', 'check_fast_path', 'auto_mode', 'resolve_fast_path', 'conv_kernel', 'run_conv', 'dw_plan',
+    'bn_affine', 'fold_affine_into_input', 'scale_output', 'compile_inference',
 ]
 
 FAST_PATH_MODES: Tuple[str, ...] = ('none', 'nhwc', 'nhwc_lka', 'auto')
@@ -53,8 +53,8 @@ FAST_PATH_MODES: Tuple[str, ...] = ('none', 'nhwc', 'nhwc_lka', 'auto')
 # docs/PERFORMANCE.md "What auto picks"); anything else runs 'none'. cuda and npu are absent on purpose: nothing has
 # been measured there yet, so they keep the reference's execution until a measurement says otherwise.
 # Short runs or runs of unknown length (no compilation), for inputs of at least AUTO_MIN_IMG_SIZE px: on AVX2-only
-# CPUs oneDNN's channels_last depth-wise kernels are slower than its NCHW ones and 'nhwc' lost to 'none'; at 32 px
-# it lost to 'none' in whole training runs on every CPU measured.
+# CPUs oneDNN's channels_last kernel for LKA's dilated depth-wise conv is slower than its NCHW one and 'nhwc' lost
+# to 'none'; at 32 px 'nhwc' won per step but not in every whole 10-epoch digits run.
 AUTO_MODES: Dict[Tuple[str, str], str] = {('cpu', 'AVX512'): 'nhwc'}
 AUTO_MIN_IMG_SIZE = 224
 # Runs of at least AUTO_LONG_RUN_STEPS forward passes, any input size: nhwc_lka's cold compile (10-50 s on a 2-core
@@ -149,7 +149,6 @@ def _conv_args(conv: nn.Conv2d, x: torch.Tensor):
     return x, w, b
 
 
-
 # Depth-wise 'same' convolutions as sums of k*k shifted multiply-adds on NHWC tensors, compiled by Inductor into
 # one vectorized loop nest each (C++ on CPU). Two kernels: the forward (which is also the input gradient: the same
 # correlation with the kernel flipped) and the weight + bias gradients as one fused reduction. oneDNN's
@@ -170,16 +169,20 @@ def _dw_shift_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int, d: 
 
 
 def _dw_shift_wgrad(x: torch.Tensor, g: torch.Tensor, k: int, d: int) -> torch.Tensor:
-    """(k*k + 1, C): the weight gradient per tap, then the bias gradient."""
+    """(k*k + 1, C): the weight gradient per tap, then the bias gradient.
+
+    Reduced in two stages, over each image's pixels first ((k*k + 1, B, C) partial sums), then over the batch:
+    reducing (B, H, W) in one go leaves Inductor only (k*k + 1) * C outputs to spread over the cores and to hold
+    in registers, which ran 3-9x slower (benchmarks/dw_kernels.py)."""
     h, wd = x.shape[1], x.shape[2]
     p = d * (k // 2)
     xp = F.pad(x, (0, 0, p, p, p, p))
     rows = []
     for t in range(k * k):
         i, j = divmod(t, k)
-        rows.append((xp[:, i * d:i * d + h, j * d:j * d + wd, :] * g).sum(dim=(0, 1, 2)))
-    rows.append(g.sum(dim=(0, 1, 2)))
-    return torch.stack(rows)
+        rows.append((xp[:, i * d:i * d + h, j * d:j * d + wd, :] * g).sum(dim=(1, 2)))
+    rows.append(g.sum(dim=(1, 2)))
+    return torch.stack(rows).sum(dim=1)
 
 
 _kernels: Dict[tuple, Callable] = {}

@@ -67,3 +67,19 @@ def test_cli_wrapper_help():
     res = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmark.py'), '--help'], capture_output=True,
                          text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0 and '--compare' in res.stdout and 'fusedadam' in res.stdout
+
+
+def test_auto_is_resolved_for_the_run_it_models(monkeypatch):
+    """'auto' in a spec runs what the CLIs would run: by default for train.py's default ImageNet run (long), for
+    validate.py's 50000 images in inference, or for --run-steps."""
+    from models import fast_ops
+    monkeypatch.setattr(fast_ops, '_cpu_isa', lambda: 'AVX512')
+    args = benchmark.build_parser().parse_args(['--img-size', '224', '-b', '32'])
+    assert benchmark.run_steps(args, train=True) == 310 * (1281167 // 32)
+    assert benchmark.run_steps(args, train=False) == 1563
+    cpu = __import__('torch').device('cpu')
+    expected_long = 'nhwc_lka' if fast_ops.FAST_PATHS_AVAILABLE else 'none'
+    assert benchmark._resolve('auto', cpu, args, train=True) == expected_long
+    assert benchmark._resolve('nhwc', cpu, args, train=True) == 'nhwc'  # explicit modes are left alone
+    short = benchmark.build_parser().parse_args(['--img-size', '224', '--run-steps', '1'])
+    assert benchmark._resolve('auto', cpu, short, train=True) == fast_ops.auto_mode('cpu', 1, 224)

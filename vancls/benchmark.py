@@ -15,9 +15,11 @@ options joined with '+':
     amp         autocast in --amp-dtype (bf16 by default)
     fusedadam   torch.optim.AdamW(fused=True) for the optimizer step (foreach=True: 'foreachadam')
     noopt       no optimizer step (forward + backward only)
-e.g. 'none', 'nhwc+compile', 'nhwc+fuse', 'nhwc_lka+fuse+freeze', 'none+cl+amp'. `--compare` runs several
-specs interleaved in one process (step i of every spec before step i+1 of any), so that the load of a shared
-machine hits all alike, and prints each median against the baseline (--baseline, default 'none': the
+e.g. 'none', 'nhwc+compile', 'nhwc+fuse', 'nhwc_lka+fuse+freeze', 'none+cl+amp'. 'auto' is resolved as the CLIs
+resolve it, for the device, --img-size and the run's length (--run-steps; by default the run of train.py's or
+validate.py's default flags on ImageNet-1k), and reported with what it ran, e.g. 'auto (nhwc_lka)'. `--compare`
+runs several specs interleaved in one process (step i of every spec before step i+1 of any), so that the load of
+a shared machine hits all alike, and prints each median against the baseline (--baseline, default 'none': the
 reference's eager fp32 NCHW execution).
 
 A train step is forward + cross-entropy + backward + optimizer step (AdamW unless 'noopt'); an inference step
@@ -187,10 +189,24 @@ def count_flops(model: nn.Module, img_size: int, in_chans: int = 3) -> Optional[
 # ----------------------------------------------------------------------------------------------------------------
 # Runners
 
-def _resolve(mode: str, device: torch.device, args) -> str:
-    """The concrete mode: 'auto' as train.py resolves it for a run of --run-steps forward passes at --img-size."""
+# The runs that 'auto' is resolved for unless --run-steps says otherwise: train.py's and validate.py's default flags
+# on ImageNet-1k (train: --epochs 300 + --cooldown-epochs 10 over 1281167 images; validate: 50000 images).
+_IMAGENET_TRAIN_IMAGES, _IMAGENET_VAL_IMAGES, _DEFAULT_TRAIN_EPOCHS = 1281167, 50000, 310
+
+
+def run_steps(args, train: bool) -> int:
+    """Forward passes of the run 'auto' is resolved for: --run-steps, else the default ImageNet run's."""
+    if args.run_steps is not None:
+        return args.run_steps
+    if train:
+        return _DEFAULT_TRAIN_EPOCHS * (_IMAGENET_TRAIN_IMAGES // args.batch_size)
+    return -(-_IMAGENET_VAL_IMAGES // args.batch_size)
+
+
+def _resolve(mode: str, device: torch.device, args, train: bool) -> str:
+    """The concrete mode: 'auto' as the CLIs resolve it for the run of `run_steps` forward passes at --img-size."""
     from models.fast_ops import auto_mode
-    return auto_mode(device.type, args.run_steps, args.img_size) if mode == 'auto' else mode
+    return auto_mode(device.type, run_steps(args, train), args.img_size) if mode == 'auto' else mode
 
 
 class Runner:
@@ -200,7 +216,7 @@ class Runner:
         self.spec, self.name, self.train = spec, spec['name'], train
         opts = spec['options']
         self.device = device
-        self.kernels = _resolve(spec['fast_path'], device, args)
+        self.kernels = _resolve(spec['fast_path'], device, args, train)
         model = copy.deepcopy(base_model).to(device)
         if hasattr(model, 'set_fast_path'):
             model.set_fast_path(self.kernels)
@@ -443,8 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--fast-path', dest='fast_path_alias', default=None,
                    help='shorthand for --config MODE (a fast-path mode without options)')
     p.add_argument('--run-steps', type=int, default=None, metavar='N',
-                   help="the run 'auto' is resolved for, in forward passes, as train.py resolves it from the epochs "
-                        "and the data set (default: unknown, i.e. a short run; 2000 or more: a long run)")
+                   help="the length of the run, in forward passes, that 'auto' is resolved for as the CLIs resolve "
+                        "it (default: train.py's default flags on ImageNet-1k for --mode train, 310 epochs; "
+                        "validate.py's on its 50000 images for --mode infer; 1: a short run)")
     p.add_argument('--amp', action='store_true', help='autocast every configuration (see also the amp option)')
     p.add_argument('--amp-dtype', choices=('bfloat16', 'float16'), default='bfloat16')
     p.add_argument('--compile', action='store_true', help='torch.compile every configuration')

@@ -7,8 +7,9 @@
 #   digits   `make demo`'s recipe (`make demo-args`: van_b0 @32 px, batch 32, 10 epochs = 440 steps, -j 2): wall
 #            seconds of the whole process, and the final top-1
 #   synth    van_b0 @224 px, batch 32, --dataset synthetic, 1 epoch of 12 steps, -j 0: train.py's training FPS
-# Within each repetition the order of the modes rotates, so that a drift in the machine's load favours none.
-# TORCHINDUCTOR_CACHE_DIR is left as it is: set it to an empty folder to count cold compiles in.
+# RUNS="digits synth" (the default) selects the runs. Within each repetition the order of the modes rotates, so
+# that a drift in the machine's load favours none. TORCHINDUCTOR_CACHE_DIR is left as it is: set it to an empty
+# folder to count cold compiles in.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-output/bench_train_runs}
@@ -19,6 +20,7 @@ mkdir -p "$OUT" || exit 1
 DIGITS=$OUT/digits
 [[ -d $DIGITS/train ]] || "$PY" -m vancls.digits "$DIGITS" >/dev/null || exit 1
 read -r -a DEMO_ARGS <<< "$(make -s demo-args)"
+RUNS=" ${RUNS:-digits synth} "
 RESULTS=$OUT/runs.tsv
 printf 'rep\trun\tmode\twall_s\ttrain_img_per_sec\tfinal_top1\n' > "$RESULTS"
 
@@ -47,9 +49,9 @@ for rep in $(seq 1 "$REPS"); do
     n=${#MODES[@]}
     for i in $(seq 0 $((n - 1))); do
         mode=${MODES[$(( (i + rep - 1) % n ))]}
-        one "$rep" digits "$mode" "$DIGITS" "${DEMO_ARGS[@]}"
-        one "$rep" synth "$mode" --dataset synthetic --model van_b0 --img-size 224 -b 32 --epochs 1 \
-            --max-steps 12 -j 0 --log-interval 4
+        [[ $RUNS == *" digits "* ]] && one "$rep" digits "$mode" "$DIGITS" "${DEMO_ARGS[@]}"
+        [[ $RUNS == *" synth "* ]] && one "$rep" synth "$mode" --dataset synthetic --model van_b0 --img-size 224 \
+            -b 32 --epochs 1 --max-steps 12 -j 0 --log-interval 4
     done
 done
 "$PY" - "$RESULTS" "${MODES[0]}" <<'PY'

@@ -1,15 +1,16 @@
 """1x1 convolutions, forward + backward: the backend's channels_last convolution against a GEMM over the channels.
 
 The measurement behind models/fast_ops.POINTWISE_GEMM_MAX_PIXELS (which of the two `conv_pointwise` runs). For each
-map size and channel pair of VAN's stages (van_b0..b2 widths), one step is y = conv(x) then y.backward(g) with
-grads for x, the weight and the bias, x and g in channels_last memory:
+stage's map size (224 px and 32 px inputs) and the 1x1 convolutions of that stage in van_b0 and van_b2 (C -> C,
+C -> mlp_ratio x C, mlp_ratio x C -> C), one step is y = conv(x) then y.backward(g) with grads for x, the weight
+and the bias, x and g in channels_last memory:
     conv   F.conv2d (oneDNN on the CPU)
     gemm   F.linear on the NHWC view of x (what `conv_pointwise` runs on small maps)
 Each is timed as the median of --steps calls after 2 warm-up calls; the pair is measured --rounds times in
 alternation and the medians of the rounds are printed with their ratio (conv / gemm < 1: the convolution is faster).
 pixels = batch x height x width, the GEMM's row count. Prints numbers, asserts nothing.
 
-Run from the repository root:  .venv/bin/python -m benchmarks.pointwise_conv [--batch 32] [--sizes 56,28,14,7,8,4,2,1]
+Run from the repository root:  .venv/bin/python -m benchmarks.pointwise_conv [--batch 32] [--inputs 224,32]
 """
 import argparse
 import statistics
@@ -20,7 +21,17 @@ import torch.nn.functional as F
 
 from vancls.device import tune_cpu_allocator
 
-CHANNELS = ((32, 32), (32, 256), (256, 32), (160, 640), (640, 160), (256, 256), (256, 1024), (1024, 256))
+WIDTHS = ((32, 64, 160, 256), (64, 128, 320, 512))  # van_b0, van_b2 embed dims per stage
+MLP_RATIOS = ((8, 8, 4, 4), (8, 8, 4, 4))
+
+
+def stage_convs(stage: int):
+    """(in, out) channel pairs of the 1x1 convolutions of `stage` in van_b0 and van_b2."""
+    pairs = []
+    for dims, ratios in zip(WIDTHS, MLP_RATIOS):
+        c, h = dims[stage], dims[stage] * ratios[stage]
+        pairs += [(c, c), (c, h), (h, c)]
+    return pairs
 
 
 def median_ms(fn, steps: int) -> float:
@@ -37,7 +48,7 @@ def median_ms(fn, steps: int) -> float:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--batch', type=int, default=32)
-    p.add_argument('--sizes', default='56,28,14,7,8,4,2,1', help='map sizes (height = width), comma-separated')
+    p.add_argument('--inputs', default='224,32', help='input sizes (px), comma-separated')
     p.add_argument('--steps', type=int, default=9)
     p.add_argument('--rounds', type=int, default=2)
     args = p.parse_args()
@@ -45,8 +56,9 @@ def main():
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, '
           f'CPU capability {torch.backends.cpu.get_cpu_capability()}, batch {args.batch}')
     print(f'{"size":>4} {"pixels":>7} {"in":>5} {"out":>5} {"conv ms":>8} {"gemm ms":>8} {"conv/gemm":>9}')
-    for size in (int(s) for s in args.sizes.split(',')):
-        for cin, cout in CHANNELS:
+    maps = [(stage, max(px // 4 // 2 ** stage, 1)) for px in map(int, args.inputs.split(',')) for stage in range(4)]
+    for stage, size in maps:
+        for cin, cout in stage_convs(stage):
             x = torch.randn(args.batch, cin, size, size).contiguous(memory_format=torch.channels_last)
             x.requires_grad_()
             w = torch.randn(cout, cin, 1, 1, requires_grad=True)

@@ -57,8 +57,8 @@ FAST_PATH_MODES: Tuple[str, ...] = ('none', 'nhwc', 'nhwc_lka', 'auto')
 # to 'none'; at 32 px 'nhwc' won per step but not in every whole 10-epoch digits run.
 AUTO_MODES: Dict[Tuple[str, str], str] = {('cpu', 'AVX512'): 'nhwc'}
 AUTO_MIN_IMG_SIZE = 224
-# Runs of at least AUTO_LONG_RUN_STEPS forward passes, any input size: nhwc_lka's cold compile (10-50 s on a 2-core
-# CPU, seconds from Inductor's disk cache) is then paid back several times over.
+# Runs of at least AUTO_LONG_RUN_STEPS forward passes, any input size: nhwc_lka's cold compile (most of a minute on
+# a 2-core CPU, seconds from Inductor's disk cache) is then paid back several times over.
 AUTO_MODES_LONG: Dict[Tuple[str, str], str] = {('cpu', 'AVX512'): 'nhwc_lka', ('cpu', 'AVX2'): 'nhwc_lka'}
 AUTO_LONG_RUN_STEPS = 2000
 
@@ -173,7 +173,7 @@ def _dw_shift_wgrad(x: torch.Tensor, g: torch.Tensor, k: int, d: int) -> torch.T
 
     Reduced in two stages, over each image's pixels first ((k*k + 1, B, C) partial sums), then over the batch:
     reducing (B, H, W) in one go leaves Inductor only (k*k + 1) * C outputs to spread over the cores and to hold
-    in registers, which ran 3-9x slower (benchmarks/dw_kernels.py)."""
+    in registers, which ran several times slower (docs/PERFORMANCE.md, benchmarks/dw_kernels.py)."""
     h, wd = x.shape[1], x.shape[2]
     p = d * (k // 2)
     xp = F.pad(x, (0, 0, p, p, p, p))
@@ -307,7 +307,7 @@ def dw_plan(conv: nn.Conv2d) -> Optional[bool]:
 
 # A 1x1 convolution over fewer pixels (batch x height x width) than this runs as a GEMM: there the backend's
 # convolution costs more per call than it computes (stages 3-4 at 32 px); above it oneDNN's channels_last 1x1
-# convolution was about 2x faster than the GEMM, forward + backward (benchmarks/pointwise_conv.py).
+# convolution was faster than the GEMM, forward + backward (docs/PERFORMANCE.md, benchmarks/pointwise_conv.py).
 POINTWISE_GEMM_MAX_PIXELS = 512
 
 

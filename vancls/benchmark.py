@@ -32,7 +32,7 @@ resetting it through /proc/self/clear_refs, after all timed steps, with glibc's 
 that freed tensors leave RSS; `--malloc release` does that from the start for exact activation memory, at the
 cost of slower steps); on CUDA, torch.cuda.max_memory_allocated. Times are taken with glibc's allocator as it is
 (`--malloc default`, the reference's situation) or with train.py's CPU policy (`--malloc retain`): pinning it
-for the timed steps made the NCHW baseline 1.4x slower and inflated every ratio.
+for the timed steps slowed the NCHW baseline most and inflated every ratio (docs/PERFORMANCE.md, "A correction").
 """
 import argparse
 import contextlib
@@ -327,8 +327,8 @@ def run_benchmark(args) -> Dict[str, Any]:
     y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
 
     # Timing of every mode first, with the allocator as users run it; then memory, for which glibc must hand
-    # freed blocks back (pin_malloc_threshold), which slows every later step by page faults (it cost the NCHW
-    # baseline 1.4x at van_b2 @224 batch-16 inference, more than the NHWC paths).
+    # freed blocks back (pin_malloc_threshold), which slows every later step by page faults (the NCHW baseline
+    # more than the NHWC paths).
     phases = []
     for mode in modes:
         train = mode == 'train'

@@ -205,9 +205,9 @@ def set_cpu_threads() -> Optional[int]:
 # --------------------------------------------------------------------------------------------- CPU allocator
 # PyTorch's CPU tensors come from plain malloc. glibc serves blocks above its mmap threshold (dynamic, at most
 # 32 MiB on 64-bit) with a fresh mmap and unmaps them on free, so each such tensor pays page faults and the
-# kernel's zeroing of every page, in every step. VAN's activations at 224 px are 25-200 MiB: on this project's
-# CPU this made van_b2 @224 batch-16 training steps 1.25-1.55x slower, for the reference and the fast paths
-# alike (docs/PERFORMANCE.md). 'retain' serves every block from the heap and keeps what is freed (what
+# kernel's zeroing of every page, in every step. VAN's activations at 224 px are 25-200 MiB, so this slowed
+# training steps at 224 px markedly, for the reference and the fast paths alike (docs/PERFORMANCE.md, "Allocator
+# policy"). 'retain' serves every block from the heap and keeps what is freed (what
 # jemalloc/tcmalloc do, without a preload): RSS stays near the peak of a step, which a training or evaluation
 # process reaches on every step anyway.
 CPU_MALLOC_ENV = 'VANCLS_CPU_MALLOC'

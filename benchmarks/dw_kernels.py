@@ -16,12 +16,11 @@ ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 (Inductor follows ATEN_CPU_CAPA
 Run from the repository root:  .venv/bin/python -m benchmarks.dw_kernels [--batch 32] [--steps 7]
 """
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.pointwise_conv import median_ms
 from models import fast_ops
 from vancls.device import tune_cpu_allocator
 
@@ -37,17 +36,6 @@ def _wgrad_one_stage(x: torch.Tensor, g: torch.Tensor, k: int, d: int) -> torch.
     rows = [(xp[:, i * d:i * d + h, j * d:j * d + wd, :] * g).sum(dim=(0, 1, 2))
             for i, j in (divmod(t, k) for t in range(k * k))]
     return torch.stack(rows + [g.sum(dim=(0, 1, 2))])
-
-
-def median_ms(fn, steps: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def main():

@@ -311,9 +311,29 @@ def dw_plan(conv: nn.Conv2d) -> Optional[bool]:
 POINTWISE_GEMM_MAX_PIXELS = 512
 
 
+class _ParamStridesGrad(torch.autograd.Function):
+    """Identity whose backward hands the gradient on in canonical contiguous strides.
+
+    oneDNN's channels_last kernels return weight gradients whose size-1 dimensions (1x1 kernels, depth-wise
+    (C, 1, k, k)) have other strides than the parameter's. Autograd keeps them (they are contiguous), but DDP
+    compares strides exactly and warns ('Grad strides do not match bucket view strides'). For those the fix is a
+    view, not a copy."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous().view(-1).view(grad.shape)
+
+
 def conv_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """Any convolution through the backend's (oneDNN's, cuDNN's) channels_last kernels."""
-    return conv._conv_forward(x.contiguous(memory_format=torch.channels_last), conv.weight, conv.bias)
+    weight = conv.weight
+    if weight.requires_grad and torch.is_grad_enabled():
+        weight = _ParamStridesGrad.apply(weight)
+    return conv._conv_forward(x.contiguous(memory_format=torch.channels_last), weight, conv.bias)
 
 
 def conv_pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ unchanged by every mode. The compiled kernels run on tiny inputs (cold compiles 
 """
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -233,7 +234,12 @@ def test_ddp_wraps_fast_path(b0, batch, tmp_path):
         model = copy.deepcopy(b0).train().set_fast_path('nhwc')
         ddp = DDP(model)
         ddp.zero_grad(set_to_none=True)
-        F.cross_entropy(ddp(x), y).backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            F.cross_entropy(ddp(x), y).backward()
+        # every gradient in the parameter's strides (depth-wise ones included): DDP's buckets take them as they are
+        assert not [w for w in caught if 'Grad strides do not match' in str(w.message)]
+        assert all(p.grad.stride() == p.stride() for p in model.parameters())
         grads = {n: p.grad for n, p in model.named_parameters()}
         for n in ('patch_embed1.proj.weight', 'block1.0.attn.spatial_gating_unit.conv_spatial.weight',
                   'block4.1.mlp.fc2.weight', 'head.weight'):

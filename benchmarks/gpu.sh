@@ -7,7 +7,7 @@
 # is reported and skipped, the table shows what finished). Configurations (see vancls/benchmark.py):
 #   none                 the reference's execution: eager fp32 NCHW (every ratio is against it)
 #   none+cl+amp          the usual GPU recipe: channels_last + bf16 autocast, plain modules
-#   nhwc+amp+fusedadam   the NHWC fast path (GEMM 1x1 convs, channels_last depth-wise), bf16, fused AdamW
+#   nhwc+amp+fusedadam   the NHWC fast path (channels_last convs, 1x1 on small maps as GEMMs), bf16, fused AdamW
 #   nhwc_lka+amp+fusedadam   the same with LKA's dilated 7x7 as compiled shifted multiply-adds (Triton
 #                        kernels from Inductor; cold compile reported; van_b0 only: the budget)
 #   nhwc+fuse+amp        inference: BatchNorm and layer scales folded (VAN.fuse()), NHWC, bf16

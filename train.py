@@ -8,6 +8,7 @@
 Defaults are the reference's ImageNet recipe (AdamW lr 1e-3, wd 0.05, 300 epochs + 10 cooldown, cosine,
 5 warm-up epochs, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8, cutmix 1.0, smoothing 0.1).
 """
+import gc
 import os
 import sys
 import time
@@ -211,6 +212,7 @@ def main(args):
     reference_compat.apply_reference_options(args, 'train')
     check_args(args)
     env = setup_distributed(args.device)
+    run = None
     try:
         run = setup(args, env)
         resume(run)
@@ -222,6 +224,11 @@ def main(args):
         leave_together(env)
         return result
     finally:
+        # The DDP wrapper holds the process group: drop it first, so that destroying the group joins gloo's
+        # threads now, not during interpreter shutdown (torch 2.1 aborted a rank there: SIGABRT, 'terminate called
+        # without an active exception').
+        run = None
+        gc.collect()
         cleanup_distributed()
 
 

@@ -39,16 +39,9 @@ import torch
 
 from vancls.builders import load_trained_model
 from vancls.config import UsageError, add_options, new_parser, run_cli
+from vancls.errors import ExportCheckError, HubError
 
 FORMATS = ('onnx', 'safetensors', 'timm', 'torchscript')
-
-
-class ExportCheckError(RuntimeError):
-    """The exported model does not compute what the PyTorch model computes."""
-
-
-class HubError(RuntimeError):
-    """--push-to-hub cannot reach the Hugging Face Hub, or the upload failed."""
 
 
 def get_args_parser():
@@ -223,6 +216,16 @@ def push_to_hub(folder: str, repo: str) -> str:
     return getattr(info, 'commit_url', repo_id)
 
 
+def _umask_modes(path: str):
+    """Give `path` (a file, or a folder and its files) the modes a plain open() would: safetensors' writer
+    creates its files 0600 (a private temporary file renamed), unlike every other output of this project."""
+    umask = os.umask(0)
+    os.umask(umask)
+    paths = [path] + ([os.path.join(path, f) for f in os.listdir(path)] if os.path.isdir(path) else [])
+    for p in paths:
+        os.chmod(p, (0o777 if os.path.isdir(p) else 0o666) & ~umask)
+
+
 def _put_folder_in_place(tmp: str, dest: str):
     """Replace `dest` (absent, empty, or a previous timm export) by the checked folder `tmp`."""
     old = None
@@ -254,6 +257,8 @@ def main(args):
             print(f'error: {e}', file=sys.stderr)
             return 1
     model, meta, data_config = load_trained_model(args)
+    for note in meta['notes']:
+        print(note, file=sys.stderr)
     model.set_fast_path('none')  # the reference's ops: the check's ground truth
     meta.update(input=list(data_config['input_size']), mean=data_config['mean'], std=data_config['std'])
     g = torch.Generator().manual_seed(0)
@@ -267,6 +272,7 @@ def main(args):
         if args.format == 'timm':
             export_timm(model, tmp, meta, data_config)
             check_timm(tmp, meta, data_config, x, expected)
+            _umask_modes(tmp)
             _put_folder_in_place(tmp, args.output)
         elif args.format == 'safetensors':
             export_safetensors(model, tmp, meta)
@@ -280,6 +286,7 @@ def main(args):
                 export_torchscript(fused, tmp, x)
                 check_torchscript(tmp, x, expected, args.tolerance)
         if args.format != 'timm':
+            _umask_modes(tmp)
             os.replace(tmp, args.output)
     except ExportCheckError as e:
         print(f'error: {e}', file=sys.stderr)

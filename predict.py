@@ -15,10 +15,10 @@ import sys
 
 import torch
 
-from models.fast_ops import compile_inference
 from vancls import builders
 from vancls.config import UsageError, add_options, new_parser, run_cli
-from vancls.data import IMG_EXTENSIONS, build_transform, open_rgb
+from vancls.data import build_transform
+from vancls.samples import IMG_EXTENSIONS, open_rgb
 from vancls.device import Amp, setup_distributed
 
 
@@ -27,7 +27,6 @@ def get_args_parser():
     p.add_argument('inputs', nargs='+', metavar='IMG_OR_DIR', help='image files and/or folders (walked)')
     add_options(p, 'model', 'checkpoint', 'input', 'speed', 'device')
     p.add_argument('--topk', type=int, default=5)
-    p.add_argument('--no-fuse', action='store_true', help='run the unfused model')
     p.add_argument('--json', action='store_true', help='print one JSON document instead of text')
     return p
 
@@ -57,13 +56,11 @@ def main(args):
     device = setup_distributed(args.device).device  # one process: selects the device (CPU allocator policy too)
     amp = Amp(device, enabled=args.amp, dtype=args.amp_dtype)
     model, meta, data_config = builders.load_trained_model(args)
-    model.to(device)
+    for note in meta['notes']:
+        print(note, file=sys.stderr)
     files, errors = collect_files(args.inputs)
-    builders.set_fast_path(model, args.fast_path, -(-len(files) // args.batch_size), data_config['input_size'][-1])
-    if not args.no_fuse and hasattr(model, 'fuse'):
-        model = model.fuse()
-    if args.compile:
-        model = compile_inference(model, device.type)
+    model = builders.prepare_inference(model, args, device, -(-len(files) // args.batch_size),
+                                       data_config['input_size'][-1], amp)
     transform = build_transform(args, data_config, is_training=False, use_prefetcher=False)
     names, k = meta['class_names'], min(args.topk, meta['num_classes'])
 
@@ -97,7 +94,7 @@ def main(args):
     if args.json:
         source = args.checkpoint or ('pretrained' if args.pretrained else args.model)  # or --model local-dir:DIR
         print(json.dumps({'model': meta['model'], 'checkpoint': source,
-                          'input_size': list(data_config['input_size']), 'fused': not args.no_fuse,
+                          'input_size': list(data_config['input_size']), 'fused': args.fuse,
                           'predictions': predictions,
                           'errors': [{'path': p, 'error': e} for p, e in errors]}, indent=2))
     if not predictions:

@@ -9,7 +9,10 @@ Defaults are the reference's ImageNet recipe (AdamW lr 1e-3, wd 0.05, 300 epochs
 5 warm-up epochs, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8, cutmix 1.0, smoothing 0.1).
 """
 import gc
+import logging
 import os
+import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,41 +21,44 @@ from typing import Any, Optional
 import torch
 
 from vancls import builders, reference_compat
-from vancls.checkpoint import (CHECKPOINT_VERSION, LAST, RECOVERY, CheckpointError, CheckpointManager, check_writable,
-                               find_auto_resume, load_model_weights, load_state_dict_checked, model_state_dict, plain,
-                               remove_stale_temporaries, resume_position, rng_state, set_rng_state)
-from vancls.config import UsageError, add_options, new_parser, run_cli
+from vancls.checkpoint import (LAST, RECOVERY, CheckpointError, CheckpointManager, check_writable, find_auto_resume,
+                               find_newest_checkpoint, load_model_weights, load_optimizer_state,
+                               load_state_dict_checked, model_state_dict, plain, read_checkpoint,
+                               remove_stale_temporaries, resume_position, rng_state, set_rng_state,
+                               training_checkpoint)
+from vancls.config import DEFAULT_MODEL, DEFAULTS, UsageError, add_options, new_parser, run_cli
 from vancls.data import build_datasets, build_loader, resolve_data_dir
 from vancls.device import (Amp, cleanup_distributed, default_workers, leave_together, peak_memory_mb,
                            setup_distributed)
 from vancls.engine import EpochState, TrainLoop, evaluate, train_one_epoch
-from vancls.preempt import DEFAULT_SIGNALS, PreemptionHandler, parse_signals
-from vancls.reports import RunReport, save_args, setup_logging, write_json
+from vancls.preempt import PreemptionHandler, parse_signals
+from vancls.reports import RunReport, save_args, setup_logging, with_wandb, write_json
 
 
 def get_args_parser():
     p = new_parser('VAN training')
     p.add_argument('data_dir', nargs='?', default=None, metavar='DATA_DIR',
-                   help='ImageFolder root with train/ and val/ (or validation/); default: digits under data/digits')
+                   help='ImageFolder root with train/ and val/ (or validation/); none: the demo (the digits under '
+                        'data/digits, written once, with the recipe of configs/demo.yaml unless -c is given)')
     add_options(p, 'model', 'input', 'loader', 'speed', 'device')
     g = p.add_argument_group('data')
     g.add_argument('--train-split', default='train')
-    g.add_argument('--val-split', default='val', help='falls back to val/ or validation/')
+    g.add_argument('--val-split', default=DEFAULTS['val_split'], help='falls back to val/ or validation/')
     g.add_argument('-vb', '--validation-batch-size', type=int, default=None)
     g = p.add_argument_group('model (training)')
     g.add_argument('--initial-checkpoint', default='', help='start from these weights (head dropped if classes differ)')
-    g.add_argument('--drop', type=float, default=0.0, help='MLP dropout (drop_rate)')
-    g.add_argument('--drop-path', type=float, default=0.1,
+    g.add_argument('--drop', type=float, default=DEFAULTS['drop'], help='MLP dropout (drop_rate)')
+    g.add_argument('--drop-path', type=float, default=DEFAULTS['drop_path'],
                    help='stochastic depth rate (the reference recipe\'s for van_b0-b2; its parser default, unset, '
                         'meant 0)')
     g.add_argument('--grad-checkpointing', action='store_true', help='recompute activations per block')
-    g.add_argument('--head-init-scale', type=float, default=None,
+    g.add_argument('--head-init-scale', type=float, default=DEFAULTS['head_init_scale'],
                    help='scale the new classifier head\'s initial weight and bias (fine-tuning: 0.001; default 1)')
     g = p.add_argument_group('optimizer')
-    g.add_argument('--opt', default='adamw', help='any timm optimizer name')
+    g.add_argument('--opt', default=DEFAULTS['opt'], help='any timm optimizer name')
     g.add_argument('--opt-eps', type=float, default=None)
     g.add_argument('--opt-betas', type=float, nargs='+', default=None)
-    g.add_argument('--opt-impl', default='auto', choices=('auto', 'fused', 'foreach', 'plain'),
+    g.add_argument('--opt-impl', default=DEFAULTS['opt_impl'], choices=('auto', 'fused', 'foreach', 'plain'),
                    help='AdamW kernel: fused where available, else foreach')
     g.add_argument('--momentum', type=float, default=0.9)
     g.add_argument('--weight-decay', type=float, default=0.05)
@@ -61,7 +67,7 @@ def get_args_parser():
     g.add_argument('--layer-decay', type=float, default=None)
     g = p.add_argument_group('schedule')
     g.add_argument('--sched', default='cosine')
-    g.add_argument('--lr', type=float, default=None,
+    g.add_argument('--lr', type=float, default=DEFAULTS['lr'],
                    help='learning rate; wins over --lr-base (default: scaled from --lr-base, else 1e-3, the '
                         'reference\'s for a global batch of 1024)')
     g.add_argument('--lr-base', type=float, default=None,
@@ -71,14 +77,15 @@ def get_args_parser():
     g.add_argument('--lr-base-scale', default='linear', choices=('linear', 'sqrt'),
                    help='scale --lr-base by the batch ratio (linear) or its square root (sqrt)')
     g.add_argument('--warmup-lr', type=float, default=1e-6)
-    g.add_argument('--min-lr', type=float, default=1e-5 / 10)
-    g.add_argument('--epochs', type=int, default=300)
+    g.add_argument('--min-lr', type=float, default=1e-6, help='the lr at the end of the schedule and in the cooldown')
+    g.add_argument('--epochs', type=int, default=DEFAULTS['epochs'],
+                   help='epochs of the lr schedule (--cooldown-epochs follow)')
     g.add_argument('--warmup-epochs', type=int, default=5)
-    g.add_argument('--cooldown-epochs', type=int, default=10, help='added after --epochs (only when epochs > 5)')
+    g.add_argument('--cooldown-epochs', type=int, default=DEFAULTS['cooldown_epochs'], help='added after --epochs (only when epochs > 5)')
     g.add_argument('--decay-epochs', type=float, default=100)
     g.add_argument('--decay-rate', '--dr', type=float, default=0.1)
     g.add_argument('--start-epoch', type=int, default=None)
-    g.add_argument('--max-steps', type=int, default=None, help='cap on optimizer steps per epoch (performance runs)')
+    g.add_argument('--max-steps', type=int, default=DEFAULTS['max_steps'], help='cap on optimizer steps per epoch (performance runs)')
     g = p.add_argument_group('augmentation')
     g.add_argument('--no-aug', action='store_true')
     g.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0])
@@ -109,7 +116,7 @@ def get_args_parser():
     g = p.add_argument_group('misc')
     g.add_argument('--log-interval', type=int, default=50)
     g.add_argument('--recovery-interval', type=int, default=0, help='save recovery.pth.tar every N optimizer steps')
-    g.add_argument('--preempt-signals', default=DEFAULT_SIGNALS,
+    g.add_argument('--preempt-signals', default=DEFAULTS['preempt_signals'],
                    help='on these signals (comma list of TERM, INT, USR1, USR2, HUP, QUIT; none: off) all ranks '
                         'stop after the current optimizer step, save recovery.pth.tar and exit with 128 + signal')
     g.add_argument('--checkpoint-hist', type=int, default=10)
@@ -124,11 +131,22 @@ def get_args_parser():
     g.add_argument('--max-bad-images', type=int, default=100,
                    help='stop when more unreadable images than this were found (-1: no limit)')
     reference_compat.add_reference_options(p, 'train')
+    p.implied_config = demo_config_if_no_data
     return p
 
 
+# The demo recipe (digits, van_b0, 32 px): `python train.py` with no DATA_DIR, and `make demo`.
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'demo.yaml')
+
+
+def demo_config_if_no_data(args) -> str:
+    """No DATA_DIR and no -c: the demo, on the built-in digits set with the demo recipe (not the ImageNet recipe,
+    which would take about a day on the digits)."""
+    return DEMO_CONFIG if args.data_dir is None and args.dataset != 'synthetic' else ''
+
+
 def check_args(args):
-    args.model = args.model or 'van_b0'
+    args.model = args.model or DEFAULT_MODEL
     builders.check_model_name(args.model)
     builders.check_optimizer_name(args.opt)
     if args.batch_size < 1 or args.grad_accum_steps < 1:
@@ -180,6 +198,7 @@ class Run:
     num_updates: int = 0
     epoch_state: Optional[EpochState] = None
     resume_rng: Optional[dict] = None
+    resumed_row: Optional[dict] = None  # summary.csv's row of the epoch the resumed checkpoint ended
     report: Optional[RunReport] = None
     notes: list = field(default_factory=list)  # logged by announce(), after resume: a failed resume writes nothing
     lr_warning: Optional[str] = None  # likewise
@@ -192,20 +211,17 @@ class Run:
         return self.model.num_classes
 
     def checkpoint(self, epoch: int, step_in_epoch: int, metric: Optional[float] = None,
-                   epoch_state: Optional[EpochState] = None, rng_ranks: Optional[list] = None) -> dict:
-        """The training state as a checkpoint dict (the layout is documented in vancls/checkpoint.py).
+                   epoch_state: Optional[EpochState] = None, rng_ranks: Optional[list] = None,
+                   summary_row: Optional[dict] = None) -> dict:
+        """The training state as a checkpoint dict (vancls/checkpoint.training_checkpoint).
         `rng_ranks`: every rank's RNG states (rng_states_of_ranks), so that each rank resumes with its own."""
         loop = self.loop
-        return {
-            'epoch': epoch, 'step_in_epoch': step_in_epoch, 'num_updates': self.num_updates, 'arch': self.args.model,
-            'state_dict': self.model.state_dict(), 'optimizer': loop.optimizer.state_dict(),
-            'scaler': self.amp.state_dict(), 'scheduler': loop.lr_scheduler.state_dict(),
-            'state_dict_ema': loop.model_ema.module.state_dict() if loop.model_ema is not None else None,
-            'metric': metric, 'args': plain(vars(self.args)), 'class_names': list(self.class_names),
-            'num_classes': self.num_classes, 'rng': rng_ranks[0] if rng_ranks else rng_state(self.env.device),
-            'rng_ranks': rng_ranks, 'version': CHECKPOINT_VERSION,
-            'meters': epoch_state.state_dict() if epoch_state is not None else None,
-        }
+        return training_checkpoint(
+            position={'epoch': epoch, 'step_in_epoch': step_in_epoch, 'num_updates': self.num_updates},
+            model=self.model, optimizer=loop.optimizer, scheduler=loop.lr_scheduler, scaler=self.amp.state_dict(),
+            ema_model=loop.model_ema.module if loop.model_ema is not None else None, args=self.args,
+            class_names=self.class_names, metric=metric, rng_ranks=rng_ranks, device=self.env.device,
+            meters=epoch_state.state_dict() if epoch_state is not None else None, summary_row=summary_row)
 
 
 def main(args):
@@ -216,6 +232,10 @@ def main(args):
     try:
         run = setup(args, env)
         resume(run)
+        if run.start_epoch >= num_total_epochs(args):
+            run.logger.info(f'Nothing to train: {run.out_dir} holds a finished run of {num_total_epochs(args)} '
+                            f'epochs; pass --experiment NAME (or another --output) to train a new one')
+            return 0
         announce(run)
         with PreemptionHandler(args.preempt_signals, env) as preempt:
             run.loop.should_stop = preempt.should_stop
@@ -223,6 +243,9 @@ def main(args):
         result = status or finish(run)
         leave_together(env)
         return result
+    except BaseException:
+        remove_if_empty(os.path.join(args.output, args.experiment) if args.experiment and env.is_main else None)
+        raise
     finally:
         # The DDP wrapper holds the process group: drop it first, so that destroying the group joins gloo's
         # threads now, not during interpreter shutdown (torch 2.1 aborted a rank there: SIGABRT, 'terminate called
@@ -232,10 +255,35 @@ def main(args):
         cleanup_distributed()
 
 
+# Options that do not change what a run trains (where it runs, how fast, what it logs): `--resume auto` finds the
+# same run again when only these differ between the first command and the rerun.
+_NOT_RUN_DEFINING = frozenset((
+    'resume', 'experiment', 'output', 'config', 'workers', 'pin_mem', 'no_prefetcher', 'device', 'local_rank',
+    'fast_path', 'compile', 'channels_last', 'opt_impl', 'grad_checkpointing', 'log_interval', 'log_tensorboard',
+    'log_wandb', 'recovery_interval', 'preempt_signals', 'checkpoint_hist', 'max_bad_images', 'trust_checkpoint',
+    'no_resume_opt', 'use_multi_epochs_loader'))
+
+
+def experiment_name(args) -> str:
+    """--experiment, else with --resume auto `<model>-<data>-<hash of the options that define the run>` (the same
+    command finds its run again after a crash, a preemption or a torchrun restart), else `<date>-<time>-<model>`."""
+    if args.experiment:
+        return args.experiment
+    if args.resume != 'auto':
+        return f'{time.strftime("%Y%m%d-%H%M%S")}-{args.model}'
+    import hashlib
+    import json
+    defining = {k: v for k, v in plain(vars(args)).items() if k not in _NOT_RUN_DEFINING}
+    defining['data_dir'] = os.path.abspath(args.data_dir) if args.data_dir else None
+    digest = hashlib.sha1(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:8]
+    data = 'synthetic' if args.dataset == 'synthetic' else os.path.basename(os.path.normpath(args.data_dir or 'data'))
+    return f'{args.model}-{data}-{digest}'
+
+
 def setup_output(args, env):
     """(output folder, logger): the folder is checked writable and cleaned of a killed save's temporaries."""
-    exp_name = args.experiment or f'{time.strftime("%Y%m%d-%H%M%S")}-{args.model}'
-    out_dir = os.path.join(args.output, exp_name)
+    args.experiment = experiment_name(args)
+    out_dir = os.path.join(args.output, args.experiment)
     if env.is_main:
         check_writable(out_dir)
         remove_stale_temporaries(out_dir)
@@ -291,11 +339,11 @@ def setup(args, env) -> Run:
     amp = Amp(env.device, enabled=args.amp, dtype=args.amp_dtype, impl=args.amp_impl)
     use_prefetcher = env.device.type != 'cpu' and args.dataset != 'synthetic' and not args.no_prefetcher
     data_config = builders.resolve_data_config(args)  # command line first, then the model's pretrained_cfg
-    train_ds, val_ds, class_names = build_datasets(args, data_config, use_prefetcher)
+    train_ds, val_ds, class_names = build_datasets(args, data_config, use_prefetcher, need_eval=not args.no_eval)
     if args.num_classes and args.dataset != 'synthetic' and args.num_classes < len(class_names):
         raise UsageError(f'--num-classes {args.num_classes} is smaller than the {len(class_names)} class folders')
     model = build_model(args, env, args.num_classes or len(class_names))
-    reference_compat.configure_batchnorm(model, args)  # --bn-tf/--bn-momentum/--bn-eps
+    builders.configure_batchnorm(model, args)  # --bn-tf/--bn-momentum/--bn-eps
     optimizer = builders.create_optimizer(args, model, env.device)
     model, optimizer = amp.attach_apex(model, optimizer)
     mixup_fn = builders.create_mixup(args, model.num_classes)
@@ -315,7 +363,8 @@ def setup(args, env) -> Run:
     # The fast path is chosen knowing the run's length (forward passes), before torch.compile and DDP wrap it.
     steps_per_epoch = min(steps_per_epoch, args.max_steps or steps_per_epoch)
     forward_passes = num_total_epochs(args) * steps_per_epoch * args.grad_accum_steps
-    fast_path = builders.set_fast_path(model, args.fast_path, forward_passes, data_config['input_size'][-1])
+    fast_path = builders.set_fast_path(model, args.fast_path, forward_passes, data_config['input_size'][-1], amp=amp,
+                                       batch_size=args.batch_size)
     loop = TrainLoop(
         model=wrap_model(model, args, env), loader=train_loader, optimizer=optimizer,
         loss_fn=builders.create_train_loss(args, mixup_fn is not None).to(env.device), amp=amp, env=env,
@@ -338,24 +387,24 @@ def resume(run: Run):
     A file without some of them (the reference's timm saver keeps no RNG, scheduler or in-epoch position, and an
     apex loss scale) resumes from what it has; the log line says what was restored and what was not."""
     args, loop = run.args, run.loop
-    path = find_auto_resume(run.out_dir, args.trust_checkpoint) if args.resume == 'auto' else args.resume
+    if args.resume == 'auto':
+        path, ckpt = find_auto_resume(run.out_dir, args.trust_checkpoint)
+        if not path:
+            run.notes.append(f'--resume auto: no checkpoint under {run.out_dir}: starting a new run')
+    else:
+        path, ckpt = args.resume, (read_checkpoint(args.resume, args.trust_checkpoint) if args.resume else None)
     if not path:
         run.num_updates = run.start_epoch * loop.steps_per_epoch
         return
-    ckpt = load_model_weights(run.model, path, trust=args.trust_checkpoint)
+    load_model_weights(run.model, path, checkpoint=ckpt)
     restored, missing = ['weights'], []
     if not args.no_resume_opt:
         if not isinstance(ckpt.get('optimizer'), dict) or 'epoch' not in ckpt:
             raise CheckpointError(f'{path} has no optimizer state and epoch (a weights file): start from it with '
                                   f'--initial-checkpoint, or resume the weights only with --no-resume-opt')
-        reference_compat.load_optimizer_state(loop.optimizer, ckpt['optimizer'])
+        load_optimizer_state(loop.optimizer, ckpt['optimizer'])
         restored += ['optimizer', 'epoch']
-        scaler = ckpt.get('scaler') or ({'apex': ckpt['amp']} if ckpt.get('amp') and run.amp.impl == 'apex' else {})
-        run.amp.load_state_dict(scaler)
-        if scaler and run.amp.enabled:
-            restored.append('loss scale')
-        elif ckpt.get('amp'):
-            missing.append('the apex loss scale (unused by native AMP, whose scale starts afresh)')
+        restore_loss_scale(run.amp, ckpt, restored, missing)
         if ckpt.get('scheduler'):
             loop.lr_scheduler.load_state_dict(ckpt['scheduler'])
             restored.append('scheduler')
@@ -376,11 +425,30 @@ def resume(run: Run):
         restored.append('EMA weights')
     if run.ckpt_mgr is not None:
         run.ckpt_mgr.best_metric, run.ckpt_mgr.best_epoch = ckpt.get('best_metric'), ckpt.get('best_epoch')
+    run.resumed_row = ckpt.get('summary_row')
     if run.start_step > 0 and ckpt.get('meters'):
         run.epoch_state = EpochState(**ckpt['meters'])
     run.num_updates = ckpt.get('num_updates', run.start_epoch * loop.steps_per_epoch + run.start_step)
     run.logger.info(f'Resumed from {path}: epoch {run.start_epoch}, step {run.start_step}; restored: '
                     f'{", ".join(restored)}' + (f'; not in the file: {"; ".join(missing)}' if missing else ''))
+
+
+def restore_loss_scale(amp: Amp, ckpt: dict, restored: list, missing: list):
+    """The loss scale of a checkpoint into this run's scaler: ours (`scaler`), timm's NativeScaler (`amp_scaler`:
+    the reference's --amp with native AMP) or apex's (`amp`). A saved scale this run has no use for (no loss
+    scaling here, or the other AMP implementation) is listed as not restored."""
+    native = ckpt.get('scaler') or ckpt.get('amp_scaler')
+    key = 'scaler' if ckpt.get('scaler') else 'amp_scaler'
+    if ckpt.get('amp') and amp.impl == 'apex':
+        amp.load_state_dict({'apex': ckpt['amp']})
+        restored.append('loss scale (apex)')
+    elif native and amp.scaler.is_enabled():
+        amp.load_state_dict(native)
+        restored.append(f'loss scale ({native.get("scale")}, from {key})')
+    elif native:
+        missing.append(f'the loss scale saved in {key} (this run uses no loss scaling: precision {amp.precision})')
+    elif ckpt.get('amp'):
+        missing.append('the apex loss scale (amp; this run uses native AMP, whose scale starts afresh)')
 
 
 def announce(run: Run):
@@ -401,8 +469,9 @@ def announce(run: Run):
         f'{run.num_classes} classes; device {env.device} x {env.world_size} ({env.backend or "single"}); '
         f'precision {run.amp.precision}; {len(run.train_ds)} train / {len(run.val_ds)} val images; '
         f'{num_total_epochs(args)} epochs of {loop.steps_per_epoch} steps; output {run.out_dir}')
-    run.report = reference_compat.with_wandb(RunReport(run.out_dir, tensorboard=args.log_tensorboard), args,
-                                             run.out_dir)
+    run.report = with_wandb(RunReport(run.out_dir, tensorboard=args.log_tensorboard), args, run.out_dir)
+    if run.resumed_row:
+        run.report.restore_row(run.resumed_row)
 
 
 def rng_states_of_ranks(env) -> list:
@@ -429,13 +498,63 @@ def _save_recovery(run: Run, epoch: int):
     return on_step
 
 
+def continue_command(args) -> str:
+    """The command line that continues this run after a preemption: this one, with --resume auto (and the
+    experiment's name when the folder was named by the date). Under torchrun, the workers' part of it."""
+    argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith('train.py') else None
+    if argv is None:  # called in-process (tests): no command line to repeat
+        return f'--resume auto --experiment {args.experiment}'
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == '--resume':
+            skip = True
+        elif not a.startswith('--resume='):
+            kept.append(a)
+    kept += ['--resume', 'auto']
+    if not any(a == '--experiment' or a.startswith('--experiment=') for a in argv) and args.resume != 'auto':
+        kept += ['--experiment', args.experiment]  # the folder was named by the date: name it
+    python = 'python' if shutil.which('python') == sys.executable else sys.executable
+    launcher = (f'torchrun --nproc_per_node={os.environ["LOCAL_WORLD_SIZE"]} (and the same torchrun options) '
+                if 'TORCHELASTIC_RUN_ID' in os.environ else f'{python} ')
+    return launcher + shlex.join([sys.argv[0]] + kept)
+
+
+def at_once_line(run: Run):
+    """The line a stop signal before any step since the last checkpoint logs (vancls.preempt: the process then
+    ends at once). Built when the epoch starts, so the signal handler only formats it."""
+    newest = find_newest_checkpoint(run.out_dir) if run.env.is_main else None
+    where = (f'the newest checkpoint {newest} is the resume point' if newest else
+             'no checkpoint yet: the run starts from the beginning')
+    command = continue_command(run.args)
+    return lambda sig: (f'Preempted by {sig.name} before any step since the last checkpoint (nothing to save): '
+                        f'{where}; exit status {128 + int(sig)}, continue with: {command}')
+
+
+def remove_if_empty(folder: Optional[str]):
+    """A run that failed before writing anything leaves no empty output folder behind (and no log handler that
+    would create train.log in it again)."""
+    if not folder or not os.path.isdir(folder) or os.listdir(folder):
+        return
+    logger = logging.getLogger('vancls')
+    for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)
+                    and os.path.dirname(h.baseFilename) == os.path.abspath(folder)]:
+        logger.removeHandler(handler)
+        handler.close()
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass
+
+
 def stop_preempted(run: Run, preempt: PreemptionHandler, epoch: int, step: int, checkpoint: str) -> int:
     """After an agreed preemption stop: every rank waits for rank 0's checkpoint; one log line; the exit status."""
     preempt.finish()
     if run.env.is_main:
         run.report.close()
         run.logger.info(preempt.describe(epoch, step, run.loop.steps_per_epoch, run.num_updates,
-                                         os.path.join(run.out_dir, checkpoint)))
+                                         os.path.join(run.out_dir, checkpoint), continue_command(run.args)))
     return preempt.exit_status
 
 
@@ -447,6 +566,8 @@ def train_epochs(run: Run, preempt: Optional[PreemptionHandler] = None) -> Optio
     if run.resume_rng:
         set_rng_state(run.resume_rng, env.device)  # last thing before training: nothing below draws from it first
     for epoch in range(run.start_epoch, num_total_epochs(args)):
+        if preempt is not None:  # nothing trained since the checkpoint (or the start): a signal exits at once
+            preempt.arm(at_once_line(run), os.path.join(run.out_dir, 'train.log') if env.is_main else None)
         start = run.start_step if epoch == run.start_epoch else 0
         loop.lr_scheduler.step(epoch)
         run.train_sampler.set_epoch(epoch, start=start * args.batch_size * args.grad_accum_steps)
@@ -467,12 +588,15 @@ def train_epochs(run: Run, preempt: Optional[PreemptionHandler] = None) -> Optio
         metric = evaluate_epoch(run)
         rng_ranks = rng_states_of_ranks(env)
         if env.is_main:
-            is_best = run.ckpt_mgr.save_epoch(run.checkpoint(epoch, 0, metric, rng_ranks=rng_ranks), epoch, metric)
             m, e = run.train_metrics, run.eval_metrics
-            run.report.add_epoch({
-                'epoch': epoch, 'lr': m['lr'], 'train_loss': m['loss'], 'eval_loss': e.get('loss'),
-                'eval_top1': e.get('top1'), 'eval_top5': e.get('top5'), 'train_img_per_sec': m['img_per_sec'],
-                'bad_images': bad})
+            row = {'epoch': epoch, 'lr': m['lr'], 'train_loss': m['loss'], 'eval_loss': e.get('loss'),
+                   'eval_top1': e.get('top1'), 'eval_top5': e.get('top5'), 'train_img_per_sec': m['img_per_sec'],
+                   'bad_images': bad}
+            # The checkpoint carries the epoch's row: a run stopped between the save and the row's write gets it
+            # back on resume (RunReport.restore_row) instead of a summary without that epoch.
+            is_best = run.ckpt_mgr.save_epoch(run.checkpoint(epoch, 0, metric, rng_ranks=rng_ranks, summary_row=row),
+                                              epoch, metric)
+            run.report.add_epoch(row)
             run.logger.info(f'Epoch {epoch}: train loss {m["loss"]:.4f}, {m["img_per_sec"]:.1f} img/s, '
                             f'bad images {bad}' + (' (new best)' if is_best else ''))
         if preempt is not None and preempt.should_stop():  # a signal during evaluation or the save: already saved
@@ -495,12 +619,13 @@ def evaluate_epoch(run: Run) -> Optional[float]:
     args, env, loop = run.args, run.env, run.loop
     if args.no_eval:
         return None
-    run.eval_metrics = evaluate(run.model, run.eval_loader, env, run.amp, args.channels_last)
+    run.eval_metrics = evaluate(builders.inference_model(run.model, args.fuse), run.eval_loader, env, run.amp,
+                                args.channels_last)
     if loop.model_ema is not None and not args.model_ema_force_cpu:
         if env.distributed and args.dist_bn:
             distribute_bn(loop.model_ema, env.world_size, args.dist_bn == 'reduce')
-        run.eval_metrics = evaluate(loop.model_ema.module, run.eval_loader, env, run.amp, args.channels_last,
-                                    'Test (EMA)')
+        run.eval_metrics = evaluate(builders.inference_model(loop.model_ema.module, args.fuse), run.eval_loader,
+                                    env, run.amp, args.channels_last, 'Test (EMA)')
     return run.eval_metrics[args.eval_metric]
 
 

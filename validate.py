@@ -1,21 +1,17 @@
 #!/usr/bin/env python3
 """Evaluate a VAN checkpoint (this project's, the reference's or the official .pth.tar) on an ImageFolder split.
 
-    python validate.py DATA_DIR --model van_b2 --checkpoint model_best.pth.tar [--amp] [--use-ema]
-    torchrun --nproc_per_node=8 validate.py DATA_DIR --model van_b2 --checkpoint ...   # sharded, exact counts
+    python validate.py DATA_DIR --checkpoint model_best.pth.tar [--amp] [--use-ema]
+    torchrun --nproc_per_node=8 validate.py DATA_DIR --checkpoint ...   # sharded, exact counts
+
+The model, class names and preprocessing are the checkpoint's unless given (vancls/builders.load_trained_model).
 """
 import json
-import logging
 import math
-import os
 import sys
 
-import torch
-
-from models.fast_ops import compile_inference
 from vancls import builders, reference_compat
-from vancls.checkpoint import checkpoint_meta, load_model_weights, read_checkpoint
-from vancls.config import UsageError, add_options, new_parser, run_cli
+from vancls.config import DEFAULTS, UsageError, add_options, new_parser, run_cli
 from vancls.data import build_datasets, build_loader
 from vancls.device import Amp, cleanup_distributed, default_workers, leave_together, setup_distributed
 from vancls.engine import evaluate
@@ -25,17 +21,17 @@ from vancls.reports import setup_logging, write_json
 def get_args_parser():
     p = new_parser('VAN evaluation')
     p.add_argument('data_dir', metavar='DATA_DIR', help='ImageFolder root holding the split to evaluate')
-    p.add_argument('--split', dest='val_split', default='val', help='split folder (falls back to val/, validation/)')
+    p.add_argument('--split', dest='val_split', default=DEFAULTS['val_split'], help='split folder (falls back to val/, validation/)')
     add_options(p, 'model', 'checkpoint', 'input', 'loader', 'speed', 'device')
-    p.add_argument('--fuse', action='store_true', help='fold BatchNorm and layer scale (inference-only model)')
     p.add_argument('--results-file', default='', help='write the metrics as JSON here')
     return reference_compat.add_reference_options(p, 'validate')
 
 
 def main(args):
     reference_compat.apply_reference_options(args, 'validate')
-    if not (args.checkpoint or args.pretrained):
-        raise UsageError('give --checkpoint PATH (or --pretrained for the official weights)')
+    if not (args.checkpoint or args.pretrained or (args.model or '').startswith(builders.LOCAL_DIR)):
+        raise UsageError('give --checkpoint PATH (or --pretrained for the official weights, or --model '
+                         'local-dir:DIR for a folder of export.py --format timm)')
     env = setup_distributed(args.device)
     try:
         results = _validate(args, env)
@@ -45,41 +41,23 @@ def main(args):
         cleanup_distributed()
 
 
-def build_eval_model(args, env, num_classes: int, ckpt, num_batches: int, img_size: int):
-    """The model to evaluate: weights, device, fast path, optional fusing and compiling."""
-    model = builders.create_model(args, num_classes, pretrained=args.pretrained and not args.checkpoint)
-    if args.checkpoint:
-        load_model_weights(model, args.checkpoint, use_ema=args.use_ema, checkpoint=ckpt)
-    model.to(env.device).eval()
-    logging.getLogger('vancls').info(builders.set_fast_path(model, args.fast_path, num_batches, img_size))
-    if args.fuse:
-        model = model.fuse()
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if args.compile:
-        model = compile_inference(model, env.device.type)
-    return model
-
-
 def _validate(args, env):
     logger = setup_logging(None, env.is_main)
-    ckpt = read_checkpoint(args.checkpoint, args.trust_checkpoint) if args.checkpoint else None
-    meta = checkpoint_meta(ckpt)
-    args.model = args.model or meta['arch'] or 'van_b0'
-    builders.check_model_name(args.model)
+    # The model, its class names and the preprocessing it was trained with: the one evaluation-model builder.
+    model, meta, data_config = builders.load_trained_model(args)
+    for note in meta['notes']:
+        logger.info(note)
+    args.model = meta['model']
     amp = Amp(env.device, enabled=args.amp, dtype=args.amp_dtype)
     # Evaluation uses the train-time options the dataset builder expects, with no augmentation.
     args.train_split, args.validation_batch_size = 'train', args.batch_size
-    data_config = builders.resolve_data_config(args)
     use_prefetcher = env.device.type != 'cpu' and args.dataset != 'synthetic' and not args.no_prefetcher
-    if args.dataset != 'synthetic' and not os.path.isdir(args.data_dir):
-        raise UsageError(f'data directory not found: {args.data_dir}')
     # Our checkpoints carry their class names: evaluate in that order (the folders must hold the same classes).
-    _, val_ds, data_classes = build_datasets(args, data_config, use_prefetcher, need_train=False,
-                                             class_names=None if args.class_map else meta['class_names'])
-    num_classes = args.num_classes or meta['num_classes'] or len(data_classes)
+    _, val_ds, _ = build_datasets(args, data_config, use_prefetcher, need_train=False,
+                                  class_names=None if args.class_map else meta['stored_class_names'])
+    num_classes = meta['num_classes']
     num_batches = math.ceil(len(val_ds) / (args.batch_size * env.world_size))
-    model = build_eval_model(args, env, num_classes, ckpt, num_batches, data_config['input_size'][-1])
+    model = builders.prepare_inference(model, args, env.device, num_batches, data_config['input_size'][-1], amp)
     model, finish_reference = reference_compat.eval_model(args, model, val_ds, env, num_classes)
     workers = default_workers() if args.workers is None else args.workers
     loader, _ = build_loader(val_ds, args.batch_size, env, is_training=False, workers=workers, seed=args.seed,

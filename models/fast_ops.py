@@ -17,14 +17,20 @@ Modes (`fast_path=` model kwarg, `VAN.set_fast_path`, `--fast-path`):
               dilated conv (forward and both gradients) and the 5x5's weight gradient as sums of shifted
               multiply-adds compiled by Inductor (static shapes; see `dw_plan`). A cold compile of a few small
               kernels per model/input/batch size, then Inductor's on-disk cache serves them.
-  'auto'      what measured fastest: `auto_mode(device_type, steps)`, from the tables `AUTO_MODES` (short runs
-              or runs of unknown length: no compilation) and `AUTO_MODES_LONG` (runs long enough to pay for
-              nhwc_lka's cold compile), keyed by device type and, on the CPU, the vector ISA ATen dispatches
-              to; 'none' for anything not measured.
+  'auto'      what is expected to finish the job first: `plan_auto(job)` predicts, for each mode, the job's time
+              = nhwc_lka's compile (cold, or from Inductor's disk cache when this job's kernels were compiled
+              before: `kernels_cached`) + images x the model's GFLOPs x the measured seconds per image-GFLOP of
+              the mode (`STEP_COST`, keyed by device type, CPU ISA, train or infer, precision and input size), and
+              picks the shortest. `FastPathJob` says what the job is (device type, train or infer, planned forward
+              passes, batch, image size, precision); the model fills in its GFLOPs and kernel keys. A run of
+              unknown length never compiles. Anything not measured (other devices, ISAs, precisions) runs 'none'.
+              A model built with fast_path='auto' (timm.create_model, VAN(...)) knows neither its run length nor
+              its input size: it gets the decision for a run of unknown length at its default size, for the
+              device its parameters are on; moving it to another device type decides again for that device.
 
 All modes compute the reference's function: fp32 logits and gradients agree within float32 rounding
 (tests/test_fast_paths.py). Stochastic parts (DropPath, Dropout) draw the same random values in every mode.
-docs/PERFORMANCE.md has the measurements that justify each mode and `AUTO_MODES`.
+docs/PERFORMANCE.md has the measurements that justify each mode and the tables `STEP_COST` and `COMPILE_COST`.
 
 The kernels need `torch.library.custom_op` and `torch.get_autocast_dtype` (torch >= 2.4). On older torch
 `import models` works, 'auto' means 'none', and asking for another mode raises an error naming the version.
@@ -32,6 +38,14 @@ The kernels need `torch.library.custom_op` and `torch.get_autocast_dtype` (torch
 Also here: the BatchNorm / layer-scale folding arithmetic that `VAN.fuse()` applies to the model's own modules,
 and `compile_inference` (validate.py, predict.py).
 """
+import dataclasses
+import getpass
+import hashlib
+import logging
+import math
+import os
+import re
+import tempfile
 import types
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -40,31 +54,100 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    'FAST_PATH_MODES', 'AUTO_MODES', 'AUTO_MODES_LONG', 'AUTO_LONG_RUN_STEPS', 'AUTO_MIN_IMG_SIZE',
-    'FAST_PATHS_AVAILABLE', 'POINTWISE_GEMM_MAX_PIXELS',
-    'fast_path_modes', 'check_fast_path', 'auto_mode', 'resolve_fast_path', 'conv_kernel', 'run_conv', 'dw_plan',
+    'FAST_PATH_MODES', 'MODEL_DEFAULT_FAST_PATH', 'STEP_COST', 'COMPILE_COST', 'FAST_PATHS_AVAILABLE',
+    'POINTWISE_GEMM_MAX_PIXELS', 'JOB_KINDS', 'PRECISIONS', 'FastPathJob',
+    'AutoPlan', 'fast_path_modes', 'check_fast_path', 'plan_auto', 'resolve_fast_path', 'faster_precision',
+    'forward_gflops', 'lka_kernel_keys', 'kernels_cached', 'conv_kernel', 'run_conv', 'dw_plan',
     'bn_affine', 'fold_affine_into_input', 'scale_output', 'compile_inference',
 ]
 
 FAST_PATH_MODES: Tuple[str, ...] = ('none', 'nhwc', 'nhwc_lka', 'auto')
+# The mode of a model built without `fast_path=` (VAN, timm.create_model): the reference's execution, as a timm user
+# expects of a model. The CLIs' default ('auto') is theirs, in vancls/config.py's DEFAULTS.
+MODEL_DEFAULT_FAST_PATH = 'none'
 
-# What 'auto' runs, keyed by (device type, CPU ISA) — the ISA as torch.backends.cpu.get_cpu_capability() names it,
-# '' off the CPU. Only modes that beat 'none' in every measured run are listed (benchmarks/cpu_auto.sh,
-# docs/PERFORMANCE.md "What auto picks"); anything else runs 'none'. cuda and npu are absent on purpose: nothing has
-# been measured there yet, so they keep the reference's execution until a measurement says otherwise.
-# Short runs or runs of unknown length (no compilation), for inputs of at least AUTO_MIN_IMG_SIZE px: on AVX2-only
-# CPUs oneDNN's channels_last kernel for LKA's dilated depth-wise conv is slower than its NCHW one and 'nhwc' lost
-# to 'none'; at 32 px 'nhwc' won per step but not in every whole 10-epoch digits run.
-AUTO_MODES: Dict[Tuple[str, str], str] = {('cpu', 'AVX512'): 'nhwc'}
-AUTO_MIN_IMG_SIZE = 224
-# Runs of at least AUTO_LONG_RUN_STEPS forward passes, any input size: nhwc_lka's cold compile (most of a minute on
-# a 2-core CPU, seconds from Inductor's disk cache) is then paid back several times over.
-AUTO_MODES_LONG: Dict[Tuple[str, str], str] = {('cpu', 'AVX512'): 'nhwc_lka', ('cpu', 'AVX2'): 'nhwc_lka'}
-AUTO_LONG_RUN_STEPS = 2000
+# What 'auto' predicts with (docs/PERFORMANCE.md, "Fastest by default", has the measurements and how they were made).
+# STEP_COST: seconds per image per forward GFLOP of the model (`forward_gflops`): the median step of van_b0 at batch
+# 32 (16 at 384 px) with the allocator as train.py sets it, median of 3 processes (`python -m benchmarks.defaults`,
+# which prints these rows), keyed by (device type, CPU ISA as torch.backends.cpu.get_cpu_capability() names it ('' off
+# the CPU), 'train' | 'infer', precision), then input size in px (the nearest measured size is used), then mode.
+# Inference is measured fused (VAN.fuse(): what the inference CLIs run by default). A key that is absent has not
+# been measured: 'auto' runs 'none' there (cuda and npu: benchmarks/gpu.sh has not run yet).
+# The AVX2 rows were not re-measured: they are the ratios to 'none' of the earlier emulated-AVX2 measurement
+# (docs/PERFORMANCE.md, 2026-11-29) applied to the AVX-512 'none' row, scaled by that measurement's AVX2/AVX-512
+# 'none' step ratio (1.17).
+STEP_COST: Dict[Tuple[str, str, str, str], Dict[int, Dict[str, float]]] = {
+    ('cpu', 'AVX512', 'train', 'float32'): {
+        32: {'none': 0.17490, 'nhwc': 0.19245, 'nhwc_lka': 0.10656},
+        224: {'none': 0.08122, 'nhwc': 0.04499, 'nhwc_lka': 0.03263},
+        384: {'none': 0.07291, 'nhwc': 0.04181, 'nhwc_lka': 0.03309},
+    },
+    ('cpu', 'AVX512', 'train', 'bfloat16'): {
+        32: {'none': 0.19968, 'nhwc': 0.19653, 'nhwc_lka': 0.10925},
+        224: {'none': 0.05258, 'nhwc': 0.03953, 'nhwc_lka': 0.02566},
+        384: {'none': 0.05537, 'nhwc': 0.03630, 'nhwc_lka': 0.02588},
+    },
+    ('cpu', 'AVX512', 'infer', 'float32'): {
+        32: {'none': 0.04626, 'nhwc': 0.06442, 'nhwc_lka': 0.03192},
+        224: {'none': 0.01849, 'nhwc': 0.01240, 'nhwc_lka': 0.00983},
+        384: {'none': 0.01778, 'nhwc': 0.01131, 'nhwc_lka': 0.00981},
+    },
+    ('cpu', 'AVX512', 'infer', 'bfloat16'): {
+        32: {'none': 0.06218, 'nhwc': 0.07188, 'nhwc_lka': 0.02910},
+        224: {'none': 0.01494, 'nhwc': 0.01119, 'nhwc_lka': 0.00793},
+        384: {'none': 0.01410, 'nhwc': 0.01028, 'nhwc_lka': 0.00806},
+    },
+    ('cpu', 'AVX2', 'train', 'float32'): {
+        32: {'none': 0.2046, 'nhwc': 0.2352, 'nhwc_lka': 0.1539},
+        224: {'none': 0.0950, 'nhwc': 0.1044, 'nhwc_lka': 0.0514},
+    },
+    ('cpu', 'AVX2', 'infer', 'float32'): {
+        224: {'none': 0.02163, 'nhwc': 0.0223, 'nhwc_lka': 0.01265},
+    },
+}
+# nhwc_lka's compile, seconds per compiled kernel (`lka_kernel_keys`): (cold, from Inductor's disk cache); van_b0 at
+# 32-384 px, median of the first process (cold) and of the two later ones (cached). AVX2: assumed the same.
+COMPILE_COST: Dict[Tuple[str, str], Tuple[float, float]] = {
+    ('cpu', 'AVX512'): (3.27, 0.55), ('cpu', 'AVX2'): (3.27, 0.55),
+}
+# Modes that compile kernels on first use; a run of unknown length never picks them.
+_COMPILING_MODES = ('nhwc_lka',)
+_DEFAULT_BATCH = 32  # images per forward pass when the job does not say (the benchmarks' batch)
 
 # Feature check (no version parsing): the kernels are custom ops with autocast-aware argument casts.
 FAST_PATHS_AVAILABLE: bool = hasattr(torch, 'library') and hasattr(torch.library, 'custom_op') \
     and hasattr(torch, 'get_autocast_dtype') and hasattr(torch, 'compile')
+
+JOB_KINDS: Tuple[str, ...] = ('train', 'infer')
+PRECISIONS: Tuple[str, ...] = ('float32', 'bfloat16', 'float16')
+
+
+@dataclasses.dataclass(frozen=True)
+class FastPathJob:
+    """What a model is about to run: all that 'auto' decides by (`plan_auto`).
+
+    device_type: 'cpu', 'cuda', 'npu', 'meta', ... (torch.device.type); kind: 'train' or 'infer';
+    forward_passes: the planned forward passes of the whole run (None: unknown); img_size: input height = width in
+    px (None: the model's default); precision: the autocast dtype's name, or 'float32'; batch_size: images per
+    forward pass (None: 32). Filled in by the model (VAN.set_fast_path) when None: gflops_per_image, its forward
+    GFLOPs at img_size (`forward_gflops`), and kernels_cached, whether nhwc_lka's kernels for this job are in
+    Inductor's disk cache (`kernels_cached`; None: taken as cold).
+    """
+    device_type: str
+    kind: str = 'train'
+    forward_passes: Optional[int] = None
+    img_size: Optional[int] = None
+    precision: str = 'float32'
+    batch_size: Optional[int] = None
+    gflops_per_image: Optional[float] = None
+    kernels_cached: Optional[bool] = None
+    num_kernels: Optional[int] = None  # nhwc_lka's compiled kernels for this job (the model counts them)
+
+    def __post_init__(self):
+        if self.kind not in JOB_KINDS:
+            raise ValueError(f'job kind {self.kind!r}: accepted values are {", ".join(JOB_KINDS)}')
+        if self.precision not in PRECISIONS:
+            raise ValueError(f'job precision {self.precision!r}: accepted values are {", ".join(PRECISIONS)}')
 
 
 def fast_path_modes() -> Tuple[str, ...]:
@@ -87,22 +170,179 @@ def _cpu_isa() -> str:
     return get() if get is not None else 'DEFAULT'
 
 
-def auto_mode(device_type: str, steps: Optional[int] = None, img_size: Optional[int] = None) -> str:
-    """What 'auto' runs on `device_type` for a run of `steps` forward passes on `img_size` px inputs (None:
-    unknown; an unknown size is taken as the models' default, 224)."""
-    if not FAST_PATHS_AVAILABLE:
-        return 'none'
-    key = (device_type, _cpu_isa() if device_type == 'cpu' else '')
-    if steps is not None and steps >= AUTO_LONG_RUN_STEPS and key in AUTO_MODES_LONG:
-        return AUTO_MODES_LONG[key]
-    if img_size is not None and img_size < AUTO_MIN_IMG_SIZE:
-        return 'none'
-    return AUTO_MODES.get(key, 'none')
+def _isa(job: FastPathJob) -> str:
+    return _cpu_isa() if job.device_type == 'cpu' else ''
 
 
-def resolve_fast_path(mode: str, device_type: str, steps: Optional[int] = None) -> str:
-    """The concrete mode ('none', 'nhwc' or 'nhwc_lka') that `mode` means on `device_type`."""
-    return auto_mode(device_type, steps) if mode == 'auto' else mode
+def _step_costs(job: FastPathJob) -> Optional[Dict[str, float]]:
+    """Seconds per image-GFLOP of each measured mode for this job (the nearest measured size), or None."""
+    by_size = STEP_COST.get((job.device_type, _isa(job), job.kind, job.precision))
+    if not by_size:
+        return None
+    size = job.img_size or 224
+    nearest = min(by_size, key=lambda s: abs(math.log(s / size)))
+    return by_size[nearest]
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoPlan:
+    """What 'auto' chose for a job and why: `seconds` is each candidate mode's predicted time for the whole job
+    (per forward pass when its length is unknown), compile included; `cached` whether nhwc_lka's kernels were found
+    in Inductor's cache."""
+    mode: str
+    seconds: Dict[str, float]
+    cached: bool
+    per_pass: bool
+
+    def describe(self) -> str:
+        if not self.seconds:
+            return 'not measured for this device/precision: the reference execution'
+        unit = 'per forward pass' if self.per_pass else 'predicted'
+        others = ', '.join(f'{m} {_duration(t)}' for m, t in sorted(self.seconds.items(), key=lambda kv: kv[1])
+                           if m != self.mode)
+        line = f'{unit} {_duration(self.seconds[self.mode])}' + (f' (vs {others})' if others else '')
+        if 'none' in self.seconds and self.mode != 'none':
+            line += f', saves {_duration(self.seconds["none"] - self.seconds[self.mode])} on none'
+        if self.mode in _COMPILING_MODES:
+            line += ', kernels ' + ('from the compile cache' if self.cached else 'compiled cold, then cached')
+        return line
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f'{seconds * 1e3:.0f} ms'
+    if seconds < 120:
+        return f'{seconds:.0f} s'
+    if seconds < 7200:
+        return f'{seconds / 60:.0f} min'
+    if seconds < 2 * 86400:
+        return f'{seconds / 3600:.1f} h'
+    return f'{seconds / 86400:.1f} days'
+
+
+def plan_auto(job: FastPathJob) -> AutoPlan:
+    """The mode 'auto' runs for `job`: the shortest predicted time, compile included; ties go to the simpler mode.
+    The one place where 'auto' is decided (the model, every CLI and benchmark.py come here)."""
+    costs = _step_costs(job) if FAST_PATHS_AVAILABLE else None
+    cached = bool(job.kernels_cached)
+    if not costs:
+        return AutoPlan('none', {}, cached, job.forward_passes is None)
+    images_per_pass = job.batch_size or _DEFAULT_BATCH
+    gflops = job.gflops_per_image or 1.0
+    seconds = {}
+    for mode in ('none', 'nhwc', 'nhwc_lka'):
+        if mode not in costs:
+            continue
+        if job.forward_passes is None:
+            if mode not in _COMPILING_MODES:
+                seconds[mode] = images_per_pass * gflops * costs[mode]
+            continue
+        seconds[mode] = job.forward_passes * images_per_pass * gflops * costs[mode]
+        if mode in _COMPILING_MODES:
+            cold, warm = COMPILE_COST.get((job.device_type, _isa(job)), (math.inf, math.inf))
+            seconds[mode] += (job.num_kernels or 0) * (warm if cached else cold)
+    best = min(seconds, key=lambda m: (seconds[m], FAST_PATH_MODES.index(m)))
+    return AutoPlan(best, seconds, cached, job.forward_passes is None)
+
+
+def resolve_fast_path(mode: str, job: FastPathJob) -> str:
+    """The concrete mode ('none', 'nhwc' or 'nhwc_lka') that `mode` means for `job` (`plan_auto` for 'auto').
+    Explicit modes are checked and returned as they are."""
+    check_fast_path(mode)
+    return plan_auto(job).mode if mode == 'auto' else mode
+
+
+def faster_precision(job: FastPathJob, mode: str = 'auto') -> Optional[str]:
+    """For a job asking for bfloat16 without insisting (`--amp` with no `--amp-dtype`): 'bfloat16' or 'float32',
+    whichever is predicted faster with `mode` (each precision with its own best mode for 'auto'); None where
+    either precision has not been measured for this device (then the caller keeps its own rule)."""
+    fp32 = dataclasses.replace(job, precision='float32')
+    if _step_costs(job) is None or _step_costs(fp32) is None:
+        return None
+
+    def best(j):
+        plan = plan_auto(j)
+        return plan.seconds[plan.mode] if mode == 'auto' else plan.seconds.get(mode, math.inf)
+    return 'bfloat16' if best(job) < best(fp32) else 'float32'
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The job's size, from the model's convolutions: `conv_sizes` is [(conv, side of its output map in px)] for
+# square inputs (VAN.conv_output_sizes).
+
+def forward_gflops(conv_sizes) -> float:
+    """Forward GFLOPs per image of the convolutions (2 x multiply-adds; the rest of the network is a few %)."""
+    flops = 0
+    for conv, side in conv_sizes:
+        k = conv.kernel_size[0] * conv.kernel_size[1]
+        flops += 2 * side * side * conv.out_channels * (conv.in_channels // conv.groups) * k
+    return flops / 1e9
+
+
+def lka_kernel_keys(conv_sizes, batch_size: int, dtype: torch.dtype, train: bool) -> set:
+    """The compiled kernels (keys of `_kernel`) that nhwc_lka runs for this job: what `dwconv_nhwc` and its
+    backward ask for. (The last batch of an epoch, if smaller, adds its own; not counted.)"""
+    keys = set()
+    for conv, side in conv_sizes:
+        shift_fwd = dw_plan(conv)
+        if shift_fwd is None:
+            continue
+        k, d = conv.kernel_size[0], conv.dilation[0]
+        shape = (batch_size, side, side, conv.in_channels)
+        if shift_fwd:  # the forward, and in training the input gradient (the same kernel and shape)
+            keys.add(('fwd', k, d, shape, dtype))
+        if train:
+            keys.add(('wgrad', k, d, shape, dtype))
+    return keys
+
+
+def _inductor_cache_dir() -> str:
+    """Inductor's on-disk cache folder, as Inductor itself resolves it (TORCHINDUCTOR_CACHE_DIR, else
+    <tmp>/torchinductor_<user>), without creating it."""
+    path = os.environ.get('TORCHINDUCTOR_CACHE_DIR')
+    if path:
+        return os.path.abspath(path)
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError, ImportError):
+        user = f'uid_{os.getuid()}' if hasattr(os, 'getuid') else 'unknown_user'
+    return os.path.join(tempfile.gettempdir(), 'torchinductor_' + re.sub(r'[\\/:*?"<>|]', '_', user))
+
+
+def _compiled_marker(key: tuple) -> str:
+    """A file next to Inductor's cache saying that `key` was compiled there (by this torch, for this ISA): Inductor
+    keys its own entries by the traced graph, which is not known before compiling."""
+    tag = hashlib.sha1(repr((torch.__version__, _cpu_isa(), key)).encode()).hexdigest()
+    return os.path.join(_inductor_cache_dir(), 'van_fast_ops', tag)
+
+
+def kernels_cached(keys) -> bool:
+    """Whether every kernel in `keys` was compiled before into the current Inductor cache."""
+    return all(os.path.exists(_compiled_marker(k)) for k in keys)
+
+
+def _mark_compiled(key: tuple):
+    path = _compiled_marker(key)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, 'a').close()
+    except OSError:  # a read-only cache: the next run predicts a cold compile, nothing else changes
+        pass
+
+
+class _NoCudaRuntimeFilter(logging.Filter):
+    """Drops torch's "No CUDA runtime is found, using CUDA_HOME=..." warning, and only it.
+
+    Inductor imports torch.utils.cpp_extension when it first compiles, which logs that line on every machine with a
+    CUDA toolkit directory but no GPU: on every CPU run that compiles (nhwc_lka's kernels, --compile), about a
+    toolkit the CPU kernels never use."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith('No CUDA runtime is found')
+
+
+# Installed on import, before anything here or in the CLIs compiles (the line is logged when the module loads).
+logging.getLogger('torch.utils.cpp_extension').addFilter(_NoCudaRuntimeFilter())
 
 
 def _custom_op(name: str) -> Callable:
@@ -209,7 +449,13 @@ def _kernel(fn: Callable, key: tuple) -> Callable:
             # Parameter's identity, and every block's bias would recompile the kernel until the limit.
             with torch.no_grad():
                 return _compiled(*(a.detach() if isinstance(a, nn.Parameter) else a for a in args))
-        _kernels[key] = run
+
+        def first_run(*args):
+            out = run(*args)  # compiled (or loaded from the cache) by now
+            _mark_compiled(key)
+            _kernels[key] = run
+            return out
+        _kernels[key] = first_run
     return _kernels[key]
 
 

@@ -136,13 +136,10 @@ def _download_cached(url: str) -> str:
 
 
 def _read_weights_file(path: str) -> Dict[str, Any]:
-    """A pretrained file read by the project's one checkpoint reader (vancls/checkpoint.py: no code from the file
-    runs, reference-made files load on every torch); its EMA weights when it has them, as timm's reader does."""
-    from vancls.checkpoint import read_checkpoint
-    ckpt = read_checkpoint(path)
-    if isinstance(ckpt, dict) and isinstance(ckpt.get('state_dict_ema'), dict):
-        return ckpt['state_dict_ema']
-    return ckpt
+    """A pretrained file read by the package's one reader (models/_helpers.py: no code from the file runs,
+    reference-made files load on every torch); its EMA weights when it has them, as timm's reader does."""
+    from ._helpers import read_weights_file, state_dict_of
+    return state_dict_of(read_weights_file(path), ema='prefer', source=path)
 
 
 def _load_file_legacy(model: nn.Module, cfg: Dict[str, Any], filter_fn: Optional[Callable], num_classes: int,

@@ -12,13 +12,14 @@ Differences from the reference that do not change the numbers:
   * the per-stage LayerNorm normalizes an NCHW map over its channels through a permuted view
     (`LayerNormChannels`) instead of flatten -> transpose -> LayerNorm -> reshape -> permute -> contiguous: no
     copy on channels_last input, one on NCHW input (the reference makes three);
-  * the blocks of a stage live in an `nn.Sequential` (keys identical to the reference's ModuleList), and the
-    model's children are registered in forward order (stage by stage, then the head), which timm's
-    `features_only` relies on and `forward_features` iterates;
+  * the blocks of a stage live in an `nn.Sequential` (keys identical to the reference's ModuleList), the stages'
+    modules are named in `VAN.stage_modules` (forward runs exactly those), and the model's children are registered
+    in forward order (stage by stage, then the head), which timm's `features_only` relies on;
   * `reset_classifier` works (the reference's reads an attribute that does not exist).
 """
 import contextlib
 import copy
+import dataclasses
 import math
 import urllib.error
 from functools import partial
@@ -33,13 +34,12 @@ from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from . import fast_ops
-from .fast_ops import check_fast_path, fast_path_modes, resolve_fast_path  # noqa: F401 (fast_path_modes: API)
+from ._helpers import state_dict_of
+from .fast_ops import (MODEL_DEFAULT_FAST_PATH, FastPathJob, fast_path_modes,  # noqa: F401 (fast_path_modes: API)
+                       resolve_fast_path)
 from .timm_compat import DropPath, build_model, feature_take_indices, register_model, trunc_normal_
 
 __all__ = ['VAN', 'checkpoint_filter_fn', 'VAN_NAMES', 'fast_path_modes']
-
-# Prefixes that wrappers add to every key: DDP (`module.`) and torch.compile (`_orig_mod.`).
-_WRAPPER_PREFIXES = ('module.', '_orig_mod.')
 
 
 # ------------------------------------------------------------------------------------------------ building blocks
@@ -47,8 +47,9 @@ _WRAPPER_PREFIXES = ('module.', '_orig_mod.')
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters, keys, defaults) computed by a selectable kernel.
 
-    `kernel` is 'torch' (F.conv2d, the reference) or a kernel name of models/fast_ops.py, set by
-    `VAN.set_fast_path`. TorchScript always compiles the F.conv2d path.
+    `kernel` is 'torch' (F.conv2d, the reference) or a kernel name of models/fast_ops.py: what the model's one
+    concrete mode (`VAN.fast_path`) means for this convolution, set by `VAN.set_fast_path` only. TorchScript
+    always compiles the F.conv2d path.
     """
     kernel: str = 'torch'
 
@@ -253,6 +254,8 @@ class LayerNormChannels(nn.LayerNorm):
 
 class VAN(nn.Module):
     """VAN: four stages of (overlapping patch embedding, LKA blocks, LayerNorm), mean pooling, linear head."""
+    stage_modules: List[str]  # class-level annotations: TorchScript's types for the lists set in __init__
+    stage_ends: List[str]
 
     def __init__(
             self,
@@ -267,7 +270,7 @@ class VAN(nn.Module):
             depths: Tuple[int, ...] = (3, 4, 6, 3),
             num_stages: int = 4,
             global_pool: str = 'avg',
-            fast_path: str = 'none',
+            fast_path: str = MODEL_DEFAULT_FAST_PATH,
             head_init_scale: float = 1.,
             device=None,
             dtype=None,
@@ -275,7 +278,8 @@ class VAN(nn.Module):
     ):
         """`img_size` is accepted for the reference's signature; VAN works at any input size.
         `drop_rate` is the MLP dropout, as in the reference (VAN has no dropout before the head).
-        `fast_path` selects the kernels (see `set_fast_path`); 'none' runs the reference's ops.
+        `fast_path` selects the kernels (see `set_fast_path`; 'auto' decides for a run of unknown length and size
+        on the device the parameters are on); 'none', the default, runs the reference's ops.
         `head_init_scale` multiplies the freshly initialized head weight and bias (as timm's ConvNeXt)."""
         super().__init__()
         if kwargs:
@@ -284,6 +288,7 @@ class VAN(nn.Module):
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans
+        self.img_size = img_size  # the input size 'auto' assumes when the job does not give one
         self.depths = tuple(depths)
         self.num_stages = num_stages
         self.embed_dims = tuple(embed_dims)
@@ -297,7 +302,11 @@ class VAN(nn.Module):
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         cur = 0
         self.feature_info = []
-        for i in range(num_stages):  # registration order is forward order (see forward_features)
+        # What forward runs, in order: patch_embed1, block1, norm1, patch_embed2, ... (the official key names). Any
+        # other child (the head, a module someone adds) is not part of the stages. Registration order is this order.
+        self.stage_modules = []
+        self.stage_ends = []  # the module of each stage whose output is the stage's output
+        for i in range(num_stages):
             setattr(self, f'patch_embed{i + 1}', OverlapPatchEmbed(
                 patch_size=7 if i == 0 else 3,
                 stride=4 if i == 0 else 2,
@@ -310,6 +319,8 @@ class VAN(nn.Module):
                 for j in range(depths[i])
             ]))
             setattr(self, f'norm{i + 1}', norm_layer(embed_dims[i], **dd))
+            self.stage_modules += [f'patch_embed{i + 1}', f'block{i + 1}', f'norm{i + 1}']
+            self.stage_ends.append(f'norm{i + 1}')
             cur += depths[i]
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'norm{i + 1}'))
 
@@ -319,8 +330,8 @@ class VAN(nn.Module):
             with torch.no_grad():
                 self.head.weight.mul_(head_init_scale)
                 self.head.bias.mul_(head_init_scale)
-        self.fast_path = 'none'
-        self._kernels_mode = 'none'  # the concrete mode the convolutions' kernels are set for
+        self.fast_path = 'none'  # the one concrete mode the convolutions run ('auto' is resolved in set_fast_path)
+        self._auto_job = None  # Optional[FastPathJob]: the job 'auto' was decided for; None: an explicit mode
         self.set_fast_path(fast_path)
 
     @torch.jit.ignore
@@ -348,30 +359,68 @@ class VAN(nn.Module):
     # -------------------------------------------------------------------------------------- execution modes
 
     @torch.jit.ignore
-    def set_fast_path(self, mode: str = 'auto') -> 'VAN':
+    def set_fast_path(self, mode: str, job: Optional[FastPathJob] = None) -> 'VAN':
         """Select the kernels the modules run: one of `fast_path_modes()` (models/fast_ops.py documents them).
 
-        Parameters, buffers and state_dict keys are unchanged, so it may be called at any time (after
-        `.to(device)`, before DDP or torch.compile wrap the model) and checkpoints stay official. 'auto' follows
-        the device of the model's parameters at every forward. Returns the model.
+        'auto' is decided here, once, by `fast_ops.plan_auto` for `job` (None: a run of unknown length and
+        input size, training or inference as the model is now, fp32, on the device of the parameters); the model
+        keeps the concrete mode in `fast_path`. Moving the model to another device type (`.to()`, `.cuda()`)
+        decides 'auto' again for that device; forward never changes the kernels. Parameters, buffers and
+        state_dict keys are unchanged, so it may be called at any time (after `.to(device)`, before DDP or
+        torch.compile wrap the model) and checkpoints stay official. Returns the model.
         """
-        self.fast_path = check_fast_path(mode)
-        self._use_kernels(resolve_fast_path(mode, self._device_type()))
+        if job is None:
+            job = FastPathJob(self._device_type(), kind='train' if self.training else 'infer')
+        if mode == 'auto':
+            job = self.complete_job(job)
+        concrete = resolve_fast_path(mode, job)
+        for m in self.modules():
+            if isinstance(m, Conv2d):
+                m.kernel = fast_ops.conv_kernel(m, concrete)
+        self.fast_path = concrete
+        self._auto_job = job if mode == 'auto' else None
         return self
+
+    def _apply(self, fn, *args, **kwargs):
+        # nn.Module.to / cuda / cpu / to_empty end here: a model that asked for 'auto' gets the decision for the
+        # device type it is on now.
+        module = super()._apply(fn, *args, **kwargs)
+        job = getattr(self, '_auto_job', None)
+        if job is not None and job.device_type != self._device_type():
+            self.set_fast_path('auto', dataclasses.replace(job, device_type=self._device_type()))
+        return module
+
+    @torch.jit.ignore
+    def complete_job(self, job: FastPathJob) -> FastPathJob:
+        """`job` with what only the model knows: its GFLOPs per image and nhwc_lka's kernels for the job (their
+        number, and whether Inductor's cache has them)."""
+        sizes = self.conv_output_sizes(job.img_size or self.img_size)
+        dtype = getattr(torch, job.precision) if job.precision != 'float32' else next(self.parameters()).dtype
+        keys = fast_ops.lka_kernel_keys(sizes, job.batch_size or 32, dtype, job.kind == 'train')
+        return dataclasses.replace(
+            job, gflops_per_image=job.gflops_per_image or fast_ops.forward_gflops(sizes), num_kernels=len(keys),
+            kernels_cached=fast_ops.kernels_cached(keys) if job.kernels_cached is None else job.kernels_cached)
+
+    @torch.jit.ignore
+    def auto_plan(self) -> Optional[fast_ops.AutoPlan]:
+        """What 'auto' predicted for the job it was decided for (None: the mode was given explicitly)."""
+        return fast_ops.plan_auto(self._auto_job) if self._auto_job is not None else None
+
+    @torch.jit.ignore
+    def conv_output_sizes(self, img_size: int) -> List[Tuple[Conv2d, int]]:
+        """Every convolution with the side (px) of its output map for square img_size inputs: the patch
+        embeddings downsample, everything inside a stage keeps the size."""
+        sizes, side = [], img_size
+        for i in range(self.num_stages):
+            proj = getattr(self, f'patch_embed{i + 1}').proj
+            side = (side + 2 * proj.padding[0] - proj.kernel_size[0]) // proj.stride[0] + 1
+            sizes += [(m, side) for m in getattr(self, f'patch_embed{i + 1}').modules() if isinstance(m, Conv2d)]
+            sizes += [(m, side) for m in getattr(self, f'block{i + 1}').modules() if isinstance(m, Conv2d)]
+        return sizes
 
     @torch.jit.ignore
     def _device_type(self) -> str:
         return next(self.parameters()).device.type
-
-    @torch.jit.ignore
-    def _use_kernels(self, mode: str):
-        """Set every convolution's kernel for the concrete `mode` (a no-op when already set)."""
-        if mode == self._kernels_mode:
-            return
-        for m in self.modules():
-            if isinstance(m, Conv2d):
-                m.kernel = fast_ops.conv_kernel(m, mode)
-        self._kernels_mode = mode
 
     def fuse(self, nhwc: Optional[bool] = None) -> 'VAN':
         """An inference-only copy (eval, no grad; train() raises) with BatchNorm and layer scales folded into the
@@ -381,7 +430,7 @@ class VAN(nn.Module):
         nhwc=True: this model's fast path ('nhwc' if it has none); None: this model's fast path as it is.
         This model is left unchanged.
         """
-        mode = resolve_fast_path(self.fast_path, self._device_type())
+        mode = self.fast_path
         if nhwc is None:
             nhwc = mode != 'none'
         fused = copy.deepcopy(self)
@@ -423,23 +472,21 @@ class VAN(nn.Module):
     def _forward_stages(self, x: torch.Tensor, take: List[int], last: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Run the stages (up to stage `last`, all if < 0): (features, the outputs of the stages in `take`).
 
-        The model's children are, in registration order, patch_embed1, block1, norm1, patch_embed2, ..., head:
-        iterating them (TorchScript unrolls the loop) runs the stages without naming them one by one.
+        Runs the children named in `stage_modules` and no other, in registration order (which __init__ makes that
+        list's order); iterating the children lets TorchScript unroll the loop.
         """
-        if not torch.jit.is_scripting():
-            if self.fast_path == 'auto':
-                self._use_kernels(resolve_fast_path('auto', self._device_type()))
         intermediates: List[torch.Tensor] = []
         stage = 0
         for name, module in self.named_children():
-            if name != 'head' and (last < 0 or stage <= last):
-                if not torch.jit.is_scripting() and self.grad_checkpointing and name.startswith('block') \
-                        and torch.is_grad_enabled():
-                    for blk in module:  # activation checkpointing per block: recomputed in backward
+            if name in self.stage_modules and (last < 0 or stage <= last):
+                if torch.jit.is_scripting():
+                    x = module(x)
+                elif self.grad_checkpointing and torch.is_grad_enabled() and isinstance(module, nn.Sequential):
+                    for blk in module:  # a stage's blocks, checkpointed one by one: recomputed in backward
                         x = checkpoint_module(blk, x)
                 else:
                     x = module(x)
-                if name.startswith('norm'):  # the end of a stage
+                if name in self.stage_ends:
                     if stage in take:
                         intermediates.append(x)
                     stage += 1
@@ -482,6 +529,8 @@ class VAN(nn.Module):
             for part in ('patch_embed', 'block', 'norm'):
                 delattr(self, f'{part}{i}')
         self.num_stages = max_index + 1
+        self.stage_modules = self.stage_modules[:3 * self.num_stages]
+        self.stage_ends = self.stage_ends[:self.num_stages]
         if prune_end:  # the features now end at the last kept stage; the head was sized for the last one
             self.num_features = self.head_hidden_size = self.embed_dims[max_index]
         if prune_head or prune_end:
@@ -562,22 +611,10 @@ def checkpoint_filter_fn(state_dict: Any, model: Optional[nn.Module] = None) -> 
     """The official files (and those of the reference's / this project's train.py) as VAN's state dict.
 
     Accepts a bare state dict or a dict holding one under `state_dict`, `model` or `state_dict_ema` (tried in
-    that order), and removes any leading `module.` / `_orig_mod.` (DDP, torch.compile) from the keys; the key
-    layout is otherwise the official one. Pure: reads no file. timm's pretrained loading calls it.
+    that order: models/_helpers.state_dict_of), and removes any leading `module.` / `_orig_mod.` (DDP,
+    torch.compile) from the keys; the key layout is otherwise the official one. Pure: reads no file. timm's pretrained loading calls it.
     """
-    if isinstance(state_dict, dict):
-        for key in ('state_dict', 'model', 'state_dict_ema'):  # as documented above
-            if key in state_dict and isinstance(state_dict[key], dict):
-                state_dict = state_dict[key]
-                break
-    if not isinstance(state_dict, dict) or not all(isinstance(k, str) for k in state_dict):
-        raise ValueError(f'not a state dict: expected a dict of tensors, got {type(state_dict).__name__}')
-    out = {}
-    for k, v in state_dict.items():
-        while k.startswith(_WRAPPER_PREFIXES):
-            k = k.split('.', 1)[1]
-        out[k] = v
-    return out
+    return state_dict_of(state_dict, ema='never')  # the one rule for which weights a file holds
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
@@ -617,6 +654,35 @@ _ARCHS = {
     'van_b6': dict(embed_dims=(96, 192, 384, 768), mlp_ratios=(8, 8, 4, 4), depths=(6, 6, 90, 6)),
 }
 VAN_NAMES = tuple(_ARCHS) + tuple(_ALIASES)
+
+
+def _block_counts(state_dict: Dict[str, Any]) -> tuple:
+    """Blocks per stage: the number of distinct `blockN.<i>.` indices for N = 1..4."""
+    counts = []
+    for stage in range(1, 5):
+        prefix = f'block{stage}.'
+        counts.append(len({k[len(prefix):].split('.', 1)[0] for k in state_dict if k.startswith(prefix)}))
+    return tuple(counts)
+
+
+def infer_variant(state_dict: Dict[str, Any]) -> Optional[str]:
+    """The VAN variant (van_b0..van_b6) whose embedding widths and depths this state dict has, or None."""
+    widths = []
+    for stage in range(1, 5):
+        w = state_dict.get(f'patch_embed{stage}.proj.weight')
+        if not isinstance(w, torch.Tensor) or w.dim() != 4:
+            return None
+        widths.append(int(w.shape[0]))
+    depths = _block_counts(state_dict)
+    for name, arch in _ARCHS.items():
+        if tuple(arch['embed_dims']) == tuple(widths) and tuple(arch['depths']) == depths:
+            return name
+    return None
+
+
+def canonical_variant(name: str) -> str:
+    """van_b0..van_b6 for a VAN name or one of the port's aliases (van_tiny/small/base/large); others unchanged."""
+    return _ALIASES.get(name, name)
 
 
 def _create_van(variant: str, pretrained: bool = False, **kwargs) -> VAN:

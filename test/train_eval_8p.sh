@@ -1,6 +1,7 @@
 #!/bin/bash
 # 8 devices, evaluation: torchrun --nproc_per_node=$NPROC (8) validate.py on the val/ split (each device a shard,
-# exact counts). MODEL (van_base) and IMG_SIZE must be those the checkpoint was trained with.
+# exact counts), with the model, image size and preprocessing the checkpoint was trained with (MODEL, IMG_SIZE
+# override them).
 #     bash test/train_eval_8p.sh DATA_PATH CKPT_PATH
 #     bash test/train_eval_8p.sh --data_path=DATA_PATH --pth_path=CKPT_PATH
 # CKPT_PATH: a .pth.tar file, or a run folder (its model_best.pth.tar, else last.pth.tar).

@@ -46,3 +46,12 @@ def _cpu_fp16_autocast() -> bool:
 # CPU autocast in float16 exists from torch 2.3 on; before, --amp-dtype float16 on the CPU is a one-line error.
 requires_cpu_fp16 = pytest.mark.skipif(not _cpu_fp16_autocast(),
                                        reason=f'CPU float16 autocast needs torch >= 2.3 (this is {torch.__version__})')
+
+
+def skip_or_fail(reason: str):
+    """An environment problem (a mount, a fetch or a package missing): skip and say why; under CI (CI=true) fail,
+    since there a skip would let the failure the test exists to catch pass unseen (.ci/run also fails on any skip
+    not in .ci/expected-skips.txt). Every test module imports it from here."""
+    if os.environ.get('CI', '').lower() in ('true', '1'):
+        pytest.fail(f'CI=true: {reason}', pytrace=False)
+    pytest.skip(reason)

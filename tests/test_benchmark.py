@@ -29,8 +29,8 @@ def test_smoke_compare_writes_json(tmp_path, capsys):
         assert len(r['step_s_all']) == 2 and r['step_s_median'] > 0 and r['img_per_s'] > 0
         assert r['speedup'] is not None and r['cpu_s_median'] >= 0
         assert r['peak_mem_mb'] is None or r['peak_mem_mb'] > 0
-        assert r['mfu'] is None or 0 < r['mfu'] < 10
-    assert data['matmul_peak_gflops'] > 0 and data['model_gflops_per_img'] > 0
+        assert 0 < r['mfu_fp32'] < 10 and 0 < r['mfu_amp'] < 10  # against both measured peaks
+    assert data['matmul_peak_gflops'] > 0 and data['matmul_peak_amp_gflops'] > 0 and data['model_gflops_per_img'] > 0
     base = next(r for r in data['results'] if r['config'] == 'none' and r['mode'] == 'train')
     assert base['speedup'] == pytest.approx(1.0)
     assert report['results'] == data['results']
@@ -57,7 +57,7 @@ def test_freeze_config_and_allocator_policy(tmp_path):
 
 def test_bad_spec_is_a_clear_error():
     with pytest.raises(SystemExit, match='accepted values are'):
-        benchmark.main(['--config', 'warp', '--steps', '1'])
+        benchmark.main(['--spec', 'warp', '--steps', '1'])
     with pytest.raises(SystemExit, match='unknown option'):
         benchmark.main(['--config', 'nhwc+turbo', '--steps', '1'])
 
@@ -71,15 +71,21 @@ def test_cli_wrapper_help():
 
 def test_auto_is_resolved_for_the_run_it_models(monkeypatch):
     """'auto' in a spec runs what the CLIs would run: by default for train.py's default ImageNet run (long), for
-    validate.py's 50000 images in inference, or for --run-steps."""
+    validate.py's 50000 images in inference, or for --run-steps; with the batch and precision of the benchmark."""
+    import timm
     from models import fast_ops
     monkeypatch.setattr(fast_ops, '_cpu_isa', lambda: 'AVX512')
     args = benchmark.build_parser().parse_args(['--img-size', '224', '-b', '32'])
     assert benchmark.run_steps(args, train=True) == 310 * (1281167 // 32)
     assert benchmark.run_steps(args, train=False) == 1563
     cpu = __import__('torch').device('cpu')
+    job = benchmark.fast_path_job(args, cpu, train=True, amp=False)
+    assert (job.forward_passes, job.img_size, job.kind, job.batch_size) == (310 * (1281167 // 32), 224, 'train', 32)
+    model = timm.create_model('van_b0')
     expected_long = 'nhwc_lka' if fast_ops.FAST_PATHS_AVAILABLE else 'none'
-    assert benchmark._resolve('auto', cpu, args, train=True) == expected_long
-    assert benchmark._resolve('nhwc', cpu, args, train=True) == 'nhwc'  # explicit modes are left alone
-    short = benchmark.build_parser().parse_args(['--img-size', '224', '--run-steps', '1'])
-    assert benchmark._resolve('auto', cpu, short, train=True) == fast_ops.auto_mode('cpu', 1, 224)
+    assert model.set_fast_path('auto', job).fast_path == expected_long  # a long run pays for any compile
+    short = benchmark.build_parser().parse_args(['--img-size', '224', '--run-steps', '1', '--amp'])
+    job = benchmark.fast_path_job(short, cpu, train=False, amp=True)
+    assert (job.forward_passes, job.kind, job.precision) == (1, 'infer', 'bfloat16')
+    runner = benchmark.Runner(benchmark.parse_spec('auto'), model, short, cpu, train=False)
+    assert runner.kernels == model.set_fast_path('auto', job).fast_path != 'nhwc_lka'  # one pass: no compile

@@ -12,7 +12,7 @@ from vancls.config import UsageError, parse_with_config
 
 # The reference ImageNet-1K recipe (VAN.md), as train.py option values.
 RECIPE = dict(
-    img_size=224, batch_size=128, opt='adamw', lr_base=1e-3, lr_base_size=1024, lr_base_scale='linear',
+    batch_size=128, opt='adamw', lr_base=1e-3, lr_base_size=1024, lr_base_scale='linear',
     weight_decay=0.05, sched='cosine', epochs=300, cooldown_epochs=10, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-6,
     aa='rand-m9-mstd0.5-inc1', color_jitter=0.4, reprob=0.25, remode='pixel', mixup=0.8, cutmix=1.0,
     mixup_switch_prob=0.5, smoothing=0.1, train_interpolation='random', hflip=0.5, scale=[0.08, 1.0], seed=42,
@@ -38,8 +38,28 @@ def test_config_parses_into_train_args(name):
     # lr 1e-3 at the reference's 128 x 8 devices; other global batches get it scaled (tests/test_recipes.py)
     assert args.lr is None and builders.resolve_lr(args, world_size=8) == (1e-3, 1024, None)
     train.check_args(args)  # model, optimizer and batch checks pass
+    assert builders.resolve_data_config(args)['input_size'] == (3, 224, 224)  # the model's size
     # the command line still wins over the file
     assert _parse(['-c', path, 'DATA', '--lr', '5e-4', '--epochs', '2']).lr == 5e-4
+
+
+def _yaml_files():
+    folder = os.path.join(ROOT, 'configs')
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith('.yaml'))
+
+
+@pytest.mark.parametrize('path', _yaml_files(), ids=os.path.basename)
+def test_config_holds_only_what_differs_from_the_defaults(path):
+    """A recipe file restates no default of train.py (one place per default) and sets no loader worker count (the
+    CPUs a machine has decide it: a fixed 8 makes torch warn on small machines)."""
+    import yaml
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    defaults = {a.dest: a.default for a in train.get_args_parser()._actions}
+    same = sorted(k for k, v in cfg.items() if defaults[k] == v or (isinstance(v, list) and defaults[k] is not None
+                                                                      and list(defaults[k]) == v))
+    assert not same, f'{path}: these keys only restate train.py\'s defaults: {same}'
+    assert 'workers' not in cfg
 
 
 def test_config_unknown_key_is_rejected(tmp_path):

@@ -640,6 +640,37 @@ def test_features_only():
     torch.testing.assert_close(feats2[1], expected[3])
 
 
+class _MustNotRun(nn.Module):
+    def forward(self, x):
+        raise AssertionError('a module attribute that is not a stage ran in forward')
+
+
+def test_forward_runs_only_the_named_stages():
+    """VAN names its stages (`stage_modules`, the official key names): a module attribute added to the model never
+    lands in the forward pass, and the state-dict keys stay the official ones."""
+    torch.manual_seed(0)
+    model = timm.create_model('van_b0', num_classes=3).eval()
+    assert model.stage_modules == [f'{part}{i}' for i in range(1, 5) for part in ('patch_embed', 'block', 'norm')]
+    assert model.stage_ends == ['norm1', 'norm2', 'norm3', 'norm4']
+    keys = list(model.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        model.probe = _MustNotRun()
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    assert list(model.state_dict()) == keys
+
+
+@needs_timm_1
+def test_intermediates_and_pruning_follow_the_named_stages():
+    model = timm.create_model('van_b0', num_classes=3).eval()
+    model.probe = _MustNotRun()
+    with torch.no_grad():
+        assert len(model.forward_intermediates(torch.randn(1, 3, 32, 32), intermediates_only=True)) == 4
+    model.prune_intermediate_layers(indices=[1])  # keep stages 0 and 1
+    assert model.stage_modules == ['patch_embed1', 'block1', 'norm1', 'patch_embed2', 'block2', 'norm2']
+
+
 def test_grad_checkpointing_same_gradients_and_bn_stats():
     """Checkpointed training step == plain one: logits, every gradient, and the BN running statistics (the
     recomputation of a block in backward must not update them a second time)."""
@@ -790,6 +821,30 @@ def test_fast_paths_degrade_clearly_without_the_kernels(monkeypatch):
     with pytest.raises(ValueError, match=f"fast path .nhwc. needs torch >= 2.4.*torch {re.escape(torch.__version__)}"):
         timm.create_model('van_b0', fast_path='nhwc')
     model = timm.create_model('van_b0', num_classes=3, fast_path='auto').eval()
-    assert model.patch_embed1.proj.kernel == 'torch' and fast_ops.resolve_fast_path('auto', 'cpu') == 'none'
+    assert model.patch_embed1.proj.kernel == 'torch' and model.fast_path == 'none'
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_the_no_cuda_runtime_warning_is_silenced_and_only_it(caplog):
+    """torch logs "No CUDA runtime is found, using CUDA_HOME=..." when a CPU-only run first compiles (Inductor imports
+    torch.utils.cpp_extension); models/fast_ops.py drops that one line and nothing else from that logger."""
+    import logging
+    import models.fast_ops  # noqa: F401  (installs the filter)
+    log = logging.getLogger('torch.utils.cpp_extension')
+    with caplog.at_level(logging.WARNING):
+        log.warning("No CUDA runtime is found, using CUDA_HOME='%s'", '/usr/local/cuda')
+        log.warning('Error checking compiler version for %s', 'c++')
+    assert [r.getMessage() for r in caplog.records] == ['Error checking compiler version for c++']
+
+
+def test_every_convolution_is_a_van_conv():
+    """The execution modes give each convolution its kernel through van.Conv2d: a plain nn.Conv2d in the network
+    would silently keep the reference kernel in every mode."""
+    import timm
+    from models.van import Conv2d
+    for name in ('van_b0', 'van_b2'):
+        model = timm.create_model(name)
+        plain = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and not isinstance(m, Conv2d)]
+        assert not plain, f'{name}: plain nn.Conv2d at {plain[:5]}'
+        assert sum(isinstance(m, Conv2d) for m in model.modules()) > 50

@@ -121,14 +121,18 @@ def test_predict_usage_errors(trained, capsys):
     assert 'not a VAN model' in capsys.readouterr().err
 
 
-def test_validate_fuse_gives_the_same_accuracy(trained):
+def test_validate_fuses_by_default_with_the_same_accuracy(trained, caplog):
+    """validate.py fuses by default (the issue's bar: the same top-1 to 0.01 %, here the same count of 359); --no-fuse
+    with --fast-path none is the reference's execution."""
     common = [trained['data'], '--checkpoint', trained['last'], '--img-size', '32', '--workers', '0',
               '--device', 'cpu', '-b', '128']
-    plain = validate.main(parse_with_config(validate.get_args_parser(), common))
-    for extra in (['--fuse'], ['--fuse', '--fast-path', 'nhwc']):  # NCHW and NHWC fused models
+    plain = validate.main(parse_with_config(validate.get_args_parser(), common + ['--no-fuse', '--fast-path', 'none']))
+    args = parse_with_config(validate.get_args_parser(), common)
+    assert args.fuse is True
+    for extra in ([], ['--fast-path', 'nhwc'], ['--fast-path', 'none']):  # fused: auto's, NHWC and NCHW kernels
         fused = validate.main(parse_with_config(validate.get_args_parser(), common + extra))
         assert fused['num_images'] == plain['num_images'] == 359
-        assert fused['top1'] == pytest.approx(plain['top1'], abs=0.3)  # at most one near-tie may flip
+        assert fused['top1'] == plain['top1'] and fused['top5'] == plain['top5']
         assert fused['loss'] == pytest.approx(plain['loss'], abs=1e-4)
 
 

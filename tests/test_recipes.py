@@ -62,9 +62,10 @@ def test_unscaled_global_batch_warns_with_both_fixes():
     assert (lr, gb) == (1e-3, 128)
     assert '128' in warning and '1024' in warning and '--lr-base 0.001' in warning
     assert '--grad-accum-steps 8' in warning
-    # an explicit --lr wins over --lr-base, and the warning says to drop it
-    lr, _, warning = builders.resolve_lr(_lr_args(128, lr=5e-4, lr_base=1e-3), world_size=2)
-    assert lr == 5e-4 and '--lr-base 0.0005 (without --lr' in warning and '--grad-accum-steps 4' in warning
+    # an lr the user chose (--lr, which wins over --lr-base; or --lr-base) gets no warning (make demo: -b 32 --lr)
+    assert builders.resolve_lr(_lr_args(128, lr=5e-4, lr_base=1e-3), world_size=2) == (5e-4, 256, None)
+    assert builders.resolve_lr(_lr_args(32, lr=2e-3), world_size=1) == (2e-3, 32, None)
+    assert builders.resolve_lr(_lr_args(128, lr_base=1e-3), world_size=1)[2] is None
     # no whole number of accumulation steps reaches 1024: the warning names the product to reach instead
     _, _, warning = builders.resolve_lr(_lr_args(48), world_size=3)
     assert '--grad-accum-steps' in warning and '= 1024' in warning

@@ -28,8 +28,9 @@ import torch
 import validate
 import train
 from conftest import FAST_TRAIN_ARGS, ROOT, cli_env, run_cli
-from vancls import builders, reference_compat
+from vancls import builders, reference_compat, reports
 from vancls.config import UsageError, parse_with_config
+from vancls.device import cpu_autocast_supports
 
 # The reference's option tables (names, defaults, kinds of its train.py and validate.py), kept beside this test.
 REFERENCE_OPTIONS_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'reference_options.md')
@@ -106,23 +107,105 @@ def _check_outcome(outcome, flag):
         assert ';' in text or ' use ' in text or 'drop' in text, f'no alternative named: {text}'
 
 
-@pytest.mark.parametrize('script,flags,default,kind', reference_rows(),
-                         ids=lambda v: v if isinstance(v, str) and v in ('train', 'validate') else None)
-def test_reference_option_parses_and_applies(script, flags, default, kind, monkeypatch):
-    """Each spelling with the reference's default works unchanged; with another value it is applied or refused in
-    one line that names the option and an alternative."""
+def _variants(flags, default, kind):
+    """(flag, command-line tokens, whether they are the reference's default) for each spelling of an option: with
+    the reference's default (when it can be written) and with another plausible value (PLAUSIBLE; a flag: given)."""
     for flag in flags:
         tokens = _default_tokens(flag, default, kind)
         if tokens is not None:
-            outcome = _parse_and_apply(script, [flag, *tokens] if tokens != [''] else [f'{flag}='], monkeypatch)
-            assert not isinstance(outcome, UsageError), f'{flag} {default} (the reference default) refused: {outcome}'
+            yield flag, [flag, *tokens] if tokens != [''] else [f'{flag}='], True
         other = PLAUSIBLE.get(flag)
         if other is None and 'store_true' in kind:
             other = []
-        if other is None:
-            continue
-        argv = [flag, *other] if other != [''] else [f'{flag}=']
-        _check_outcome(_parse_and_apply(script, argv, monkeypatch), flag)
+        if other is not None:
+            yield flag, [flag, *other] if other != [''] else [f'{flag}='], False
+
+
+ROW_IDS = dict(ids=lambda v: v if isinstance(v, str) and v in ('train', 'validate') else None)
+
+
+@pytest.mark.parametrize('script,flags,default,kind', reference_rows(), **ROW_IDS)
+def test_reference_option_parses_and_applies(script, flags, default, kind, monkeypatch):
+    """Each spelling with the reference's default works unchanged; with another value it is applied or refused in
+    one line that names the option and an alternative."""
+    for flag, argv, is_default in _variants(flags, default, kind):
+        outcome = _parse_and_apply(script, argv, monkeypatch)
+        if is_default:
+            assert not isinstance(outcome, UsageError), f'{" ".join(argv)} (the reference default) refused: {outcome}'
+        else:
+            _check_outcome(outcome, flag)
+
+
+@pytest.fixture(scope='module')
+def setup_walk(digits_dir, tmp_path_factory):
+    """script -> the command line an accepted option is added to for the setup walk: the digits at 32 px on the
+    CPU, no loader workers (the option comes last and wins). validate.py gets a checkpoint of van_b0 for the digits,
+    and --pretrained a local official-layout file (--pretrained-path: no download)."""
+    import timm
+    import models  # noqa: F401 - registers VAN
+    folder = tmp_path_factory.mktemp('setup-walk')
+    model = timm.create_model('van_b0', num_classes=10)
+    torch.save({'state_dict': model.state_dict(), 'arch': 'van_b0', 'class_names': [str(i) for i in range(10)]},
+               folder / 'digits.pth.tar')
+    torch.save({'state_dict': timm.create_model('van_b0').state_dict()}, folder / 'official.pth.tar')
+    common = [str(digits_dir), '--model', 'van_b0', '--img-size', '32', '--workers', '0', '--device', 'cpu',
+              '--pretrained-path', str(folder / 'official.pth.tar')]
+    return {'train': [*common, '--output', str(folder / 'out'), '--experiment', 'walk'],
+            'validate': [*common, '--checkpoint', str(folder / 'digits.pth.tar')]}
+
+
+def _set_up(script, argv, monkeypatch):
+    """What train.py / validate.py do with `argv` before their first step: apply the reference options, check,
+    and build the run (data, model, optimizer, schedule, EMA, loaders; validate.py up to its evaluation loop,
+    which is stubbed). Returns the error a real run would print, or None."""
+    from vancls.device import DistEnv
+    from vancls.errors import USER_ERRORS
+    monkeypatch.setenv('LOCAL_RANK', '0')
+    _stub_legacy_jit(monkeypatch)
+    monkeypatch.setattr(validate, 'evaluate', lambda *a, **k: dict.fromkeys(
+        ('top1', 'top5', 'loss', 'img_per_sec', 'num_images'), 0))
+    env = DistEnv(device=torch.device('cpu'))
+    try:
+        args = reference_compat.apply_reference_options(parse_with_config(PARSERS[script](), argv), script)
+        if script == 'train':
+            train.check_args(args)
+            train.setup(args, env)
+        else:
+            validate._validate(args, env)
+    except USER_ERRORS as e:
+        return e
+    return None
+
+
+# Accepted values that a real run still stops on, at its checks or setup, with the one-line error the CLI prints:
+# (script, tokens) -> what the error says. Every other accepted value must set up a run.
+SETUP_REFUSALS = {
+    ('train', '--model resnet50'): 'is not a VAN model; choose one of: van_b0',  # the reference's parser default
+    ('validate', '--model dpn92'): 'is not a VAN model; choose one of: van_b0',  # ditto
+    ('validate', '-m dpn92'): 'is not a VAN model; choose one of: van_b0',
+    ('validate', '--checkpoint='): 'give --checkpoint PATH',
+    ('validate', '--use-ema'): 'has no EMA weights',  # the walk's checkpoint has none
+    ('train', '--apex-amp'): 'apex is not installed',  # where apex is not installed
+}
+if not cpu_autocast_supports(torch.float16):  # torch < 2.3: bfloat16 only
+    SETUP_REFUSALS.update(dict.fromkeys([('train', '--native-amp'), ('validate', '--native-amp'),
+                                         ('validate', '--apex-amp')], 'use --amp-dtype bfloat16'))
+
+
+@pytest.mark.parametrize('script,flags,default,kind', reference_rows(), **ROW_IDS)
+def test_accepted_reference_option_sets_up_a_run(script, flags, default, kind, setup_walk, monkeypatch):
+    """Every value the walk above accepts also passes the checks and the setup of a real run (in process, up to the
+    loaders), or stops there with the one-line error SETUP_REFUSALS names, never with another error."""
+    for flag, tokens, _ in _variants(flags, default, kind):
+        if isinstance(_parse_and_apply(script, tokens, monkeypatch), UsageError):
+            continue  # refused already (the test above checks how)
+        error = _set_up(script, [*setup_walk[script], *tokens], monkeypatch)
+        expected = SETUP_REFUSALS.get((script, ' '.join(tokens)))
+        if error is not None:
+            assert expected and expected in str(error) and '\n' not in str(error), \
+                f'{script}.py {" ".join(tokens)}: {type(error).__name__}: {error}'
+        else:
+            assert expected is None or 'apex' in expected, f'{script}.py {" ".join(tokens)} set up: {expected}?'
 
 
 def test_table_is_complete():
@@ -186,7 +269,7 @@ def test_train_mappings(monkeypatch):
         _args('validate', '--torchscript', '--compile', monkeypatch=monkeypatch)
     with pytest.raises(UsageError, match='torchrun --nproc_per_node=N validate.py'):
         _args('validate', '--num-gpu', '2', monkeypatch=monkeypatch)
-    assert reference_compat.scheduler_options(_args('train', monkeypatch=monkeypatch)) == {}
+    assert builders._scheduler_options(_args('train', monkeypatch=monkeypatch)) == {}
 
 
 def test_schedule_options_reach_timm_scheduler(monkeypatch):
@@ -205,9 +288,9 @@ def test_batchnorm_options_reach_every_batchnorm(monkeypatch):
     import models  # noqa: F401 - registers VAN
     model = timm.create_model('van_b0', num_classes=10)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert reference_compat.configure_batchnorm(model, _args('train', monkeypatch=monkeypatch)) == 0
+    assert builders.configure_batchnorm(model, _args('train', monkeypatch=monkeypatch)) == 0
     a = _args('train', '--bn-tf', '--bn-eps', '1e-4', monkeypatch=monkeypatch)
-    assert reference_compat.configure_batchnorm(model, a) == len(norms) > 10
+    assert builders.configure_batchnorm(model, a) == len(norms) > 10
     assert all(m.momentum == reference_compat.BN_TF_MOMENTUM and m.eps == 1e-4 for m in norms)
 
 
@@ -235,7 +318,7 @@ def test_log_wandb(monkeypatch, tmp_path):
     from vancls.reports import RunReport
     out = tmp_path / 'runs' / 'exp1'
     out.mkdir(parents=True)
-    report = reference_compat.with_wandb(RunReport(str(out)), a, str(out))
+    report = reports.with_wandb(RunReport(str(out)), a, str(out))
     report.add_epoch({'epoch': 0, 'lr': 1e-3, 'train_loss': 2.0, 'eval_loss': None, 'eval_top1': 50.0,
                       'eval_top5': 90.0, 'train_img_per_sec': 10.0, 'bad_images': 0})
     report.close()
@@ -333,6 +416,7 @@ def _validate(digits_dir, ckpt, tmp_path, *extra, name='v.json'):
     return json.load(open(tmp_path / name))
 
 
+@pytest.mark.oldtorch
 @pytest.mark.slow
 def test_reference_checkpoint_evaluates(ref_ckpt, digits_dir, tmp_path):
     """validate.py reads the reference layout without --trust-checkpoint: the same numbers as the bare weights,
@@ -356,6 +440,7 @@ def test_reference_checkpoint_through_train_eval_8p(ref_ckpt, digits_dir, tmp_pa
     assert r['results']['num_images'] == 359 and 'trust' not in p.stderr
 
 
+@pytest.mark.oldtorch
 @pytest.mark.slow
 def test_reference_checkpoint_resumes(ref_ckpt, digits_dir, tmp_path):
     """train.py --resume continues after the file's epoch with its AdamW state (step counts go on from 2) and says
@@ -391,6 +476,7 @@ def test_reference_checkpoint_as_pretrained(ref_ckpt, digits_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+@pytest.mark.oldtorch
 @pytest.mark.slow
 def test_code_running_checkpoint_refused_everywhere(digits_dir, tmp_path):
     import timm

@@ -3,14 +3,17 @@
 Two kinds of tests, all on the CPU:
 - real runs, scaled down with the scripts' environment overrides (van_b0, 32x32 digits, batch 16, 6 steps, AMP off,
   NPROC=2 for the 8p scripts): every script trains or evaluates for real and its Final lines, ${CaseName}.log and
-  results.json are checked; train_eval_8p.sh reproduces the full run's best top-1; train_finetune_1p.sh starts from
-  a 10-class checkpoint on a 5-class set;
+  results.json are checked; train_eval_8p.sh, given no MODEL or IMG_SIZE, reproduces the full run's best top-1;
+  train_finetune_1p.sh starts from a 10-class checkpoint on a 5-class set; SIGTERM to train_full_8p.sh's PID and
+  SIGUSR1 to its process group stop it with a recovery checkpoint (exit 143 / 138), and the rerun ends bitwise
+  equal to the uninterrupted run; the README's CPU example finds the repository's .venv;
 - stub runs: PYTHON points at a stand-in for the interpreter that records how train.py / validate.py / torchrun are
   called and writes a chosen results.json instead of training (everything else it hands to the real python). They
   check the defaults (van_base, 128 per device, lr 1e-3, drop path 0.1, AMP, 300(+10) epochs, 500 perf steps,
-  torchrun --nproc_per_node=8 --max-restarts, --resume auto), the arguments, the NPU branch (a fake torch_npu), and
-  that a missing or invalid value in results.json, a failing or silent train.py, and bad data paths end with a
-  non-zero exit, a clear message and no Final line.
+  torchrun --nproc_per_node=8 --max-restarts, --resume auto), the arguments, the model taken from the checkpoint
+  (evaluation, fine-tuning), the device order of vancls.device (a fake torch_npu), and that a missing or invalid
+  value in results.json, a failing or silent train.py, and bad data paths end with a non-zero exit, a clear message
+  and no Final line.
 
 OMP_NUM_THREADS=1 keeps each process on one thread: on a small shared CPU, PyTorch's default of one thread per core
 in every process is ten times slower. `--aa none` (forwarded after `--`) turns RandAugment off to keep the
@@ -20,9 +23,13 @@ import json
 import math
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -45,7 +52,7 @@ CASE_FIELDS = ('Network', 'RankSize', 'BatchSize', 'DeviceType', 'CaseName', 'Ac
                'ActualLoss', 'E2ETrainingTime')
 
 
-def run_script(name, *args, out_root, env=None, small=True, timeout=900):
+def script_env(out_root, env=None, small=True):
     e = {k: v for k, v in os.environ.items() if k not in OVERRIDES}
     e['PYTHON'] = sys.executable
     if small:
@@ -53,8 +60,49 @@ def run_script(name, *args, out_root, env=None, small=True, timeout=900):
     e['OUTPUT_ROOT'] = str(out_root)
     e.update(env or {})
     os.makedirs(out_root, exist_ok=True)
-    return subprocess.run(['bash', os.path.join(SCRIPTS, name), *map(str, args)], env=e, cwd=str(out_root),
-                          capture_output=True, text=True, timeout=timeout)
+    return e
+
+
+def run_script(name, *args, out_root, env=None, small=True, timeout=900):
+    return subprocess.run(['bash', os.path.join(SCRIPTS, name), *map(str, args)], env=script_env(out_root, env, small),
+                          cwd=str(out_root), capture_output=True, text=True, timeout=timeout)
+
+
+class StartedScript:
+    """A launch script started in a session of its own (its PID is its process group's), its output read line by
+    line so that a test can signal it at a chosen step."""
+
+    def __init__(self, name, *args, out_root, env=None):
+        self.p = subprocess.Popen(['bash', os.path.join(SCRIPTS, name), *map(str, args)],
+                                  env=script_env(out_root, env), cwd=str(out_root), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.out, self.err, self.returncode = [], [], None
+        self._readers = [threading.Thread(target=lambda f=f, lines=lines: lines.extend(iter(f.readline, '')),
+                                          daemon=True)
+                         for f, lines in ((self.p.stdout, self.out), (self.p.stderr, self.err))]
+        for t in self._readers:
+            t.start()
+
+    @property
+    def stdout(self):
+        return ''.join(self.out)
+
+    @property
+    def stderr(self):
+        return ''.join(self.err)
+
+    def wait_for(self, text, timeout=600):
+        end = time.monotonic() + timeout
+        while text not in self.stdout:
+            assert self.p.poll() is None, f'exited ({self.p.returncode}) before {text!r}:\n{show(self)}'
+            assert time.monotonic() < end, f'no {text!r} after {timeout} s:\n{show(self)}'
+            time.sleep(0.02)
+
+    def wait(self, timeout=600):
+        self.returncode = self.p.wait(timeout)
+        for t in self._readers:
+            t.join(30)
+        return self.returncode
 
 
 def show(p):
@@ -161,10 +209,16 @@ def five_digits(digits, tmp_path_factory):
                         classes={'0', '1', '2', '3', '4'})
 
 
+# train_full_8p.sh, 2 processes, 2 epochs of 6 steps, a log line per step: the uninterrupted run, and the command
+# that the signal tests interrupt and run again.
+FULL_8P_ENV = {'NPROC': '2', 'EPOCHS': '2'}
+FULL_8P_ARGS = [*FAST, '--log-interval', '1']
+
+
 @pytest.fixture(scope='module')
 def full_8p(small_digits, tmp_path_factory):
     out = tmp_path_factory.mktemp('full8p')
-    p = run_script('train_full_8p.sh', f'--data_path={small_digits}', *FAST, out_root=out, env={'NPROC': '2'})
+    p = run_script('train_full_8p.sh', f'--data_path={small_digits}', *FULL_8P_ARGS, out_root=out, env=FULL_8P_ENV)
     return p, out
 
 
@@ -205,29 +259,35 @@ def test_eval_8p_reproduces_full_run(full_8p, small_digits, tmp_path):
         best = json.load(f)['best_top1']
     # Positional DATA_PATH CKPT_PATH as in the port's README. 4 per device: 50 images per rank give 12 batches,
     # of which those after the first 5 are timed.
+    # No MODEL and no IMG_SIZE: the checkpoint's van_b0 at the 32 px it was trained at.
     ckpt = os.path.join(out_full, '0', 'train_full_8p', 'model_best.pth.tar')
-    p = run_script('train_eval_8p.sh', small_digits, ckpt, out_root=tmp_path, env={'NPROC': '2', 'BATCH_SIZE': '4'})
+    p = run_script('train_eval_8p.sh', small_digits, ckpt, out_root=tmp_path,
+                   env={'NPROC': '2', 'BATCH_SIZE': '4', 'MODEL': '', 'IMG_SIZE': ''})
     r = check_success(p, tmp_path, 'train_eval_8p', 'eval', ranks=2, batch=4)
     assert r['acc'] == pytest.approx(best, abs=0.2)
     assert r['results']['num_images'] == 100
+    (launch,) = [ln for ln in p.stdout.splitlines() if ln.startswith('+ ')]
+    assert '--model' not in launch and '--img-size' not in launch and r['fields']['Model'] == 'van_b0'
 
 
 def test_finetune_1p_from_other_number_of_classes(full_8p, five_digits, tmp_path):
     p_full, out_full = full_8p
     assert p_full.returncode == 0, show(p_full)
     src = os.path.join(out_full, '0', 'train_full_8p', 'model_best.pth.tar')
+    # `-- --max-steps 3`, fewer steps than the 5 that throughput skips: train.py then times all 3 and the script
+    # reports that (it used to stop with exit status 2, after training).
     p = run_script('train_finetune_1p.sh', f'--data_path={five_digits}', f'--pth_path={src}', *FAST,
-                   out_root=tmp_path)
+                   '--max-steps', '3', out_root=tmp_path, env={'MODEL': ''})  # the checkpoint's model
     r = check_success(p, tmp_path, 'train_finetune_1p', 'finetune', ranks=1)
-    assert r['results']['num_classes'] == 5
+    assert r['results']['num_classes'] == 5 and r['fields']['Model'] == 'van_b0'
 
     import torch
     before = torch.load(src, map_location='cpu', weights_only=True)['state_dict']
     after = torch.load(os.path.join(tmp_path, '0', 'train_finetune_1p', 'last.pth.tar'), map_location='cpu',
                        weights_only=True)['state_dict']
     assert before['head.weight'].shape[0] == 10 and after['head.weight'].shape[0] == 5
-    # The backbone started from the checkpoint: 6 steps at the warm-up learning rate (1e-6) barely move it,
-    # whereas a fresh initialization would be far away.
+    # The backbone started from the checkpoint: 3 AdamW steps at the recipe's lr 5e-5 (each moves a weight by about
+    # the lr) barely move it, whereas a fresh initialization would be far away.
     key = 'patch_embed1.proj.weight'
     assert torch.allclose(before[key], after[key], atol=1e-3)
 
@@ -269,6 +329,83 @@ def test_full_8p_restart_continues_where_it_stopped(small_digits, tmp_path):
     assert [row.split(',')[0] for row in rows[1:]] == ['0', '1']
 
 
+def _weights(path):
+    import torch
+    return torch.load(path, map_location='cpu', weights_only=True)['state_dict']
+
+
+@pytest.mark.parametrize('target,sig', [('pid', signal.SIGTERM), ('group', signal.SIGUSR1)])
+def test_full_8p_stop_signal_then_rerun_resumes_bitwise(full_8p, small_digits, tmp_path, target, sig):
+    """SIGTERM to the script's PID (what a container runtime sends to PID 1), SIGUSR1 to its process group (what
+    SLURM's --signal and Ctrl-C do): the script passes the signal to torchrun once, every worker stops at the same
+    step and rank 0 writes recovery.pth.tar; the script prints the preempted line (in its log too: tee outlived the
+    signal) and exits 128 + the signal. Run again, it resumes and ends bitwise equal to the uninterrupted run."""
+    p_ref, out_ref = full_8p
+    assert p_ref.returncode == 0, show(p_ref)
+    out = tmp_path / 'out'
+    args = [f'--data_path={small_digits}', *FULL_8P_ARGS]
+    proc = StartedScript('train_full_8p.sh', *args, out_root=out, env=FULL_8P_ENV)
+    proc.wait_for('Train: 0 [   2/6]')
+    (os.kill if target == 'pid' else os.killpg)(proc.p.pid, sig)
+    assert proc.wait() == 128 + sig, show(proc)
+
+    name = signal.Signals(sig).name
+    run = out / '0' / 'train_full_8p'
+    import torch
+    step = torch.load(run / 'recovery.pth.tar', map_location='cpu', weights_only=True)['step_in_epoch']
+    assert 2 <= step < 6
+    for rank in (0, 1):
+        assert f'[rank {rank}] received {name}: stopping' in proc.stdout, show(proc)
+    assert 'forcefully' not in proc.stdout + proc.stderr  # torchrun killed no worker
+    preempted = 'error: train_full_8p: preempted, recovery checkpoint written: run this script again to resume'
+    assert proc.err[-1].startswith(preempted) and not re.search(r'^Final ', proc.stdout, re.M), show(proc)
+    log = (out / '0' / 'train_0.log').read_text()
+    assert f'train_full_8p: received {name}: passed it to train.py, waiting for it to exit after its recovery' in log
+    assert f'Preempted by {name} at epoch 0, step {step}/6' in log
+    assert log.rstrip().splitlines()[-1].startswith(preempted)  # the last line reached the log
+
+    p = run_script('train_full_8p.sh', *args, out_root=out, env=FULL_8P_ENV)
+    check_success(p, out, 'train_full_8p', 'full', ranks=2)
+    assert 'resuming the unfinished run' in p.stdout and f'epoch 0, step {step}' in p.stdout
+    train_log = (run / 'train.log').read_text()
+    assert train_log.count('Train: 0 [   1/6]') == 1  # the steps before the signal were not trained again
+    ref, got = _weights(out_ref / '0' / 'train_full_8p' / 'last.pth.tar'), _weights(run / 'last.pth.tar')
+    assert ref.keys() == got.keys() and [k for k in ref if not torch.equal(ref[k], got[k])] == []
+
+
+def test_readme_cpu_example_uses_the_repository_venv(digits, tmp_path):
+    """The README's `bash test/train_performance_1p.sh --data_path=data/digits` right after `make demo`, scaled
+    down: PYTHON unset and the only python3 on PATH without torch. The script runs with the repository's
+    .venv/bin/python and says so; with no .venv it names the missing torch and `make setup`."""
+    root = tmp_path / 'repo'  # the repository, with a .venv of its own whose python is this interpreter
+    root.mkdir()
+    for name in os.listdir(ROOT):
+        if name not in ('.venv', '.git'):
+            os.symlink(os.path.join(ROOT, name), root / name)
+    venv_python = root / '.venv' / 'bin' / 'python'
+    venv_python.parent.mkdir(parents=True)
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    for path, flags in ((venv_python, ''), (bin_dir / 'python3', ' -S')):  # -S: no site-packages, so no torch
+        path.write_text(f'#!/bin/sh\nexec {sys.executable}{flags} "$@"\n')
+        path.chmod(0o755)
+    path = f'{bin_dir}:/usr/bin:/bin'
+    assert subprocess.run(['python3', '-c', 'import torch'], env={'PATH': path}, capture_output=True).returncode != 0
+    env = script_env(tmp_path / 'out', {'PATH': path, 'DEVICE': ''})  # auto, as in the README
+    del env['PYTHON']
+    bash = shutil.which('bash')
+    p = subprocess.run([bash, 'test/train_performance_1p.sh', '--data_path=data/digits', *FAST], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=900)
+    check_success(p, tmp_path / 'out', 'train_performance_1p', 'perf', ranks=1)
+    used = f"train_performance_1p: python {venv_python} (the repository's .venv: no python3 on PATH has torch)"
+    assert used in p.stdout and used in (tmp_path / 'out' / '0' / 'train_0.log').read_text()
+
+    venv_python.unlink()
+    p = subprocess.run([bash, 'test/train_performance_1p.sh', '--data_path=data/digits'], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=900)
+    check_failure(p, "No module named 'torch'", 'python3 on PATH has no torch', 'make setup')
+
+
 def test_failing_training_exits_without_final_lines(digits, tmp_path):
     p = run_script('train_performance_1p.sh', f'--data_path={digits}', out_root=tmp_path, env={'MODEL': 'van_nope'})
     check_failure(p, 'train.py failed', "--model 'van_nope' is not a VAN model", 'train_0.log')
@@ -308,7 +445,7 @@ STUB = '''\
 import json, os, sys
 argv = sys.argv[1:]
 entry = next((a for a in argv if a.endswith(('/train.py', '/validate.py'))), None)
-if entry is None:
+if entry is None or argv[0] == '-c':  # the scripts' own questions, and the wrapper that starts the program
     os.execv({python!r}, [{python!r}] + argv)
 env = {{k: os.environ.get(k) for k in ('ASCEND_RT_VISIBLE_DEVICES', 'CUDA_VISIBLE_DEVICES', 'TASK_QUEUE_ENABLE',
                                       'HCCL_WHITELIST_DISABLE', 'PYTHONUNBUFFERED')}}
@@ -353,6 +490,13 @@ def stub(tmp_path):
     (tmp_path / 'out').mkdir()
     run.out = str(tmp_path / 'out')
     return run
+
+
+def tiny_checkpoint(path, arch='van_b0'):
+    """A checkpoint that names its model and holds no weights: enough for the scripts, which only read the name."""
+    import torch
+    torch.save({'arch': arch, 'state_dict': {}}, path)
+    return str(path)
 
 
 def _opts(argv, entry='train.py'):
@@ -416,27 +560,63 @@ def test_arguments_and_overrides(stub, digits):
     p, calls = stub('train_eval_8p.sh', f'--data_path={digits}', f'--pth_path={out}/train_full_1p',
                     env={'NPROC': '2'})
     assert p.returncode != 0 and 'model_best.pth.tar' in p.stderr  # a folder without checkpoints
-    ckpt = os.path.join(stub.out, 'w.pth.tar')
-    open(ckpt, 'w').close()
+    ckpt = tiny_checkpoint(os.path.join(stub.out, 'w.pth.tar'), arch='van_b1')
     p, calls = stub('train_eval_8p.sh', f'--data_path={digits}', f'--pth_path={ckpt}', env={'NPROC': '2'})
     assert p.returncode == 0, show(p)
     launcher, args = _opts(calls[0]['argv'], 'validate.py')
     assert '--nproc_per_node=2' in launcher and '--max-restarts=3' not in ' '.join(launcher)
-    assert _value(args, '--checkpoint') == ckpt and _value(args, '--model') == 'van_base' and '--amp' in args
+    assert _value(args, '--checkpoint') == ckpt and '--amp' in args
+    # No MODEL, no IMG_SIZE: validate.py takes the model and the image size the checkpoint was trained with.
+    assert '--model' not in args and '--img-size' not in args and 'model from the checkpoint' in p.stdout
     assert 'Final Train Accuracy : 40.000' in p.stdout and 'Final Performance images/sec : 200.00' in p.stdout
+    p, calls = stub('train_eval_8p.sh', digits, ckpt, env={'MODEL': 'van_b2', 'IMG_SIZE': '64'})
+    assert p.returncode == 0, show(p)
+    _, args = _opts(calls[0]['argv'], 'validate.py')
+    assert _value(args, '--model') == 'van_b2' and _value(args, '--img-size') == '64'
 
+    # Fine-tuning: the checkpoint's model unless MODEL is set.
     p, calls = stub('train_finetune_1p.sh', f'--data_path={digits}', f'--pth_path={ckpt}')
     assert p.returncode == 0, show(p)
     _, args = _opts(calls[0]['argv'])
     assert _value(args, '--initial-checkpoint') == ckpt and _value(args, '--epochs') == '30'
+    assert _value(args, '--model') == 'van_b1' and _value(args, '--img-size') == '384'
+    p, calls = stub('train_finetune_1p.sh', f'--data_path={digits}', f'--pth_path={ckpt}', env={'MODEL': 'van_b3'})
+    assert p.returncode == 0 and _value(_opts(calls[0]['argv'])[1], '--model') == 'van_b3', show(p)
+    unnamed = os.path.join(stub.out, 'unnamed.pth.tar')
+    open(unnamed, 'w').close()
+    p, calls = stub('train_finetune_1p.sh', f'--data_path={digits}', f'--pth_path={unnamed}')
+    check_failure(p, 'cannot read the model of', unnamed)
+    assert not calls
+
+
+def test_finetune_capped_below_the_warm_up_reports_its_throughput(stub, digits):
+    """`-- --max-steps 3`: train.py times all 3 steps (fewer than the 5 warm-up steps) and the script reports it."""
+    ckpt = tiny_checkpoint(os.path.join(stub.out, 'w.pth.tar'))
+    p, calls = stub('train_finetune_1p.sh', f'--data_path={digits}', f'--pth_path={ckpt}', '--', '--max-steps', '3',
+                    env={'STUB_RESULTS': json.dumps({'train_img_per_sec': 12.5, 'model': 'van_b0'})})
+    assert p.returncode == 0, show(p)
+    assert _opts(calls[0]['argv'])[1][-2:] == ['--max-steps', '3']
+    assert 'Final Performance images/sec : 12.50' in p.stdout
+    fields = read_case_log(os.path.join(stub.out, '0', 'VAN_for_PyTorch_bs16_1p_acc.log'))
+    assert fields['Model'] == 'van_b0' and fields['TrainingTime'] == '1.2800'
+
+
+FAKE_TORCH_NPU = '''\
+"""Stand-in for torch_npu: registers torch.npu, which sees NPUs when FAKE_NPUS=1."""
+import os
+import types
+import torch
+torch.npu = types.SimpleNamespace(is_available=lambda: os.environ.get('FAKE_NPUS') == '1')
+'''
 
 
 def test_npu_when_torch_npu_imports(stub, digits, tmp_path):
+    """DEVICE=auto asks vancls.device (CUDA, then an NPU, then the CPU) after sourcing env_npu.sh."""
     fake = tmp_path / 'fake_npu'
     fake.mkdir()
-    (fake / 'torch_npu.py').write_text('')
+    (fake / 'torch_npu.py').write_text(FAKE_TORCH_NPU)
     p, calls = stub('train_performance_1p.sh', f'--data_path={digits}', '--device_id=5',
-                    env={'DEVICE': '', 'PYTHONPATH': str(fake)})
+                    env={'DEVICE': '', 'PYTHONPATH': str(fake), 'FAKE_NPUS': '1'})
     assert p.returncode == 0, show(p)
     _, args = _opts(calls[0]['argv'])
     assert _value(args, '--device') == 'npu'
@@ -444,18 +624,27 @@ def test_npu_when_torch_npu_imports(stub, digits, tmp_path):
     assert env['ASCEND_RT_VISIBLE_DEVICES'] == '5' and env['TASK_QUEUE_ENABLE'] == '1'  # env_npu.sh was sourced
     assert read_case_log(os.path.join(stub.out, '5', 'VAN_for_PyTorch_bs128_1p_perf.log'))['Device'] == 'npu'
 
+    # torch_npu without a visible NPU: auto is the CPU, as for train.py; DEVICE=npu stops with the reason.
+    p, calls = stub('train_performance_1p.sh', f'--data_path={digits}', env={'DEVICE': '', 'PYTHONPATH': str(fake)})
+    assert p.returncode == 0 and _value(_opts(calls[0]['argv'])[1], '--device') == 'cpu', show(p)
+    assert calls[0]['env']['TASK_QUEUE_ENABLE'] is None  # env_npu.sh only for NPU runs
+    p, calls = stub('train_performance_1p.sh', f'--data_path={digits}', env={'DEVICE': 'npu', 'PYTHONPATH': str(fake)})
+    check_failure(p, 'DEVICE=npu: --device npu: torch_npu imported but sees no NPU')
+    assert not calls
+
 
 @pytest.mark.parametrize('script,results,needle', [
-    ('train_performance_1p.sh', {'train_img_per_sec': 0.0}, 'MAX_STEPS'),
+    ('train_performance_1p.sh', {'train_img_per_sec': 0.0}, 'no training step was timed'),
+    ('train_finetune_1p.sh', {'train_img_per_sec': None}, 'train_img_per_sec'),
     ('train_full_1p.sh', {'best_top1': None}, 'best_top1'),
     ('train_full_8p.sh', {'train_loss': float('nan')}, 'train_loss'),
     ('train_eval_8p.sh', {'img_per_sec': 0}, 'BATCH_SIZE'),
     ('train_eval_8p.sh', {'top1': 140.0}, 'outside'),
 ])
 def test_invalid_results_exit_without_final_lines(stub, digits, script, results, needle):
-    ckpt = os.path.join(stub.out, 'w.pth.tar')
-    open(ckpt, 'w').close()
-    args = [digits, ckpt] if 'eval' in script else [f'--data_path={digits}']
+    ckpt = tiny_checkpoint(os.path.join(stub.out, 'w.pth.tar'))
+    args = {'train_eval_8p.sh': [digits, ckpt], 'train_finetune_1p.sh': [f'--data_path={digits}', f'--pth_path={ckpt}']
+            }.get(script, [f'--data_path={digits}'])
     p, calls = stub(script, *args, env={'STUB_RESULTS': json.dumps(results)})
     assert calls
     check_failure(p, needle, 'results.json')
@@ -485,7 +674,7 @@ def test_full_run_folder_resumed_or_moved_aside(stub, digits):
 def test_finetune_from_its_own_previous_run(stub, digits):
     run = os.path.join(stub.out, '0', 'train_finetune_1p')
     os.makedirs(run)
-    open(os.path.join(run, 'model_best.pth.tar'), 'w').close()
+    tiny_checkpoint(os.path.join(run, 'model_best.pth.tar'))
     p, calls = stub('train_finetune_1p.sh', f'--data_path={digits}', f'--pth_path={run}')
     assert p.returncode == 0, show(p)
     _, args = _opts(calls[0]['argv'])

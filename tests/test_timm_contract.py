@@ -8,7 +8,7 @@ in torch.hub's cache by the conftest written below.
 
 timm's test file (Apache-2.0, ~125 KB) is not vendored: it is fetched once with `pip download` of the timm sdist
 into a cache folder ($VANCLS_TIMM_TESTS_CACHE, default ~/.cache/vancls/timm-tests). Without network and cache
-the test is skipped, saying so.
+the test is skipped, saying so; under CI (CI=true) it fails instead.
 """
 import os
 import re
@@ -21,6 +21,7 @@ import pytest
 import timm
 
 from conftest import cli_env
+from conftest import skip_or_fail
 
 pytestmark = pytest.mark.slow
 
@@ -71,15 +72,15 @@ def _fetch_suite() -> str:
                            check=True, capture_output=True, timeout=_FETCH_TIMEOUT_S)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
             detail = getattr(e, 'stderr', b'') or b''
-            pytest.skip(f"timm {_VERSION}'s source package could not be fetched (offline?): {type(e).__name__} "
+            skip_or_fail(f"timm {_VERSION}'s source package could not be fetched (offline?): {type(e).__name__} "
                         f"{detail.decode(errors='replace').strip()[-200:]}")
         sdists = [f for f in os.listdir(tmp) if f.endswith('.tar.gz')]
         if not sdists:
-            pytest.skip(f'pip download of timm {_VERSION} gave no sdist: {os.listdir(tmp)}')
+            skip_or_fail(f'pip download of timm {_VERSION} gave no sdist: {os.listdir(tmp)}')
         with tarfile.open(os.path.join(tmp, sdists[0])) as tar:
             member = next((m for m in tar.getmembers() if m.name.endswith('/tests/test_models.py')), None)
             if member is None:
-                pytest.skip(f"timm {_VERSION}'s sdist has no tests/test_models.py")
+                skip_or_fail(f"timm {_VERSION}'s sdist has no tests/test_models.py")
             data = tar.extractfile(member).read()
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     with open(dest + '.tmp', 'wb') as f:

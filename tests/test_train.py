@@ -58,6 +58,7 @@ def test_digits_reaches_97_and_validate_agrees(digits_dir, tmp_path):
     assert val['num_images'] == 359 and set(val) >= {'top1', 'top5', 'loss', 'img_per_sec', 'num_images'}
 
 
+@pytest.mark.oldtorch
 @pytest.mark.slow
 def test_ddp_two_processes_stay_in_sync(digits_dir, tmp_path):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port', str(_free_port()),
@@ -105,6 +106,7 @@ def test_two_nodes_train_together(digits_dir, tmp_path):
     assert not (tmp_path / 'node1' / 'mn' / 'results.json').exists()
 
 
+@pytest.mark.oldtorch
 @pytest.mark.slow
 @pytest.mark.parametrize('dtype', ['bfloat16', pytest.param('float16', marks=requires_cpu_fp16)])
 def test_amp_steps_on_cpu(digits_dir, tmp_path, dtype):
@@ -284,6 +286,7 @@ def test_bad_config_key_cli_exit_code(tmp_path, digits_dir):
         f'drop_path)']
 
 
+@pytest.mark.oldtorch
 @pytest.mark.slow
 def test_no_data_dir_uses_digits(tmp_path):
     """`python train.py` with no DATA_DIR writes data/digits (here under a temporary cwd) and trains on it."""

@@ -25,9 +25,10 @@ reference's eager fp32 NCHW execution).
 A train step is forward + cross-entropy + backward + optimizer step (AdamW unless 'noopt'); an inference step
 is a forward in inference mode. After --warmup steps, --steps timed steps; reported: median step time,
 images/s (batch / median), first-step time (with compiled configs: minus the median = cold compile time),
-MFU = model FLOPs per second / measured matmul peak (the peak is measured here: a square fp32 (or amp-dtype)
-matmul; model FLOPs counted by torch.utils.flop_counter, x3 for training), and memory: peak during one step and
-activation memory (peak minus the memory before the step). On CPU, memory is the process RSS (VmHWM after
+MFU = model FLOPs per second / measured matmul peak, against both peaks: the fp32 one and the --amp-dtype one
+(each measured here: a square matmul in that dtype; model FLOPs counted by torch.utils.flop_counter, x3 for
+training; a bf16 run is judged against the fp32 peak too, since that is what it replaces), and memory: peak
+during one step and activation memory (peak minus the memory before the step). On CPU, memory is the process RSS (VmHWM after
 resetting it through /proc/self/clear_refs, after all timed steps, with glibc's mmap threshold then pinned so
 that freed tensors leave RSS; `--malloc release` does that from the start for exact activation memory, at the
 cost of slower steps); on CUDA, torch.cuda.max_memory_allocated. Times are taken with glibc's allocator as it is
@@ -51,9 +52,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .device import CPU_MALLOC_CHOICES, libc as _libc, make_grad_scaler, tune_cpu_allocator
+from .config import DEFAULT_IMG_SIZE, DEFAULT_MODEL, DEFAULTS, HelpFormatter
+from .device import (CPU_MALLOC_CHOICES, DEVICE_CHOICES, libc as _libc, make_grad_scaler, resolve_device_type,
+                     tune_cpu_allocator)
 
 _OPTIONS = ('compile', 'freeze', 'fuse', 'ckpt', 'cl', 'amp', 'fusedadam', 'foreachadam', 'noopt')
+# Options that mean something else here than in the CLIs, with benchmark.py's own defaults: the synthetic head's
+# classes (the CLIs: from the data), one fixed autocast dtype (the CLIs: by device, vancls.device.Amp), and --opt,
+# which here names the AdamW kernel (train.py: the optimizer, its kernel is --opt-impl). Every other shared option
+# takes vancls/config.py's DEFAULTS (tests/test_structure.py checks it).
+OWN_DEFAULTS = {'num_classes': 1000, 'amp_dtype': 'bfloat16', 'opt': 'auto'}
+
+
+class _HelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The CLIs' option help (one default per line), with this module's docstring kept as written."""
 
 
 def _import_models():
@@ -190,8 +202,9 @@ def count_flops(model: nn.Module, img_size: int, in_chans: int = 3) -> Optional[
 # Runners
 
 # The runs that 'auto' is resolved for unless --run-steps says otherwise: train.py's and validate.py's default flags
-# on ImageNet-1k (train: --epochs 300 + --cooldown-epochs 10 over 1281167 images; validate: 50000 images).
-_IMAGENET_TRAIN_IMAGES, _IMAGENET_VAL_IMAGES, _DEFAULT_TRAIN_EPOCHS = 1281167, 50000, 310
+# on ImageNet-1k (train: --epochs + --cooldown-epochs over its 1281167 training images; validate: 50000 images).
+_IMAGENET_TRAIN_IMAGES, _IMAGENET_VAL_IMAGES = 1281167, 50000
+_DEFAULT_TRAIN_EPOCHS = DEFAULTS['epochs'] + DEFAULTS['cooldown_epochs']
 
 
 def run_steps(args, train: bool) -> int:
@@ -203,10 +216,11 @@ def run_steps(args, train: bool) -> int:
     return -(-_IMAGENET_VAL_IMAGES // args.batch_size)
 
 
-def _resolve(mode: str, device: torch.device, args, train: bool) -> str:
-    """The concrete mode: 'auto' as the CLIs resolve it for the run of `run_steps` forward passes at --img-size."""
-    from models.fast_ops import auto_mode
-    return auto_mode(device.type, run_steps(args, train), args.img_size) if mode == 'auto' else mode
+def fast_path_job(args, device: torch.device, train: bool, amp: bool):
+    """The job 'auto' is decided for: this device, --img-size, the run of `run_steps`, the autocast dtype or fp32."""
+    from models.fast_ops import FastPathJob
+    return FastPathJob(device.type, 'train' if train else 'infer', run_steps(args, train), args.img_size,
+                       args.amp_dtype if amp else 'float32', args.batch_size)
 
 
 class Runner:
@@ -216,12 +230,15 @@ class Runner:
         self.spec, self.name, self.train = spec, spec['name'], train
         opts = spec['options']
         self.device = device
-        self.kernels = _resolve(spec['fast_path'], device, args, train)
+        self.amp = 'amp' in opts or args.amp
         model = copy.deepcopy(base_model).to(device)
-        if hasattr(model, 'set_fast_path'):
-            model.set_fast_path(self.kernels)
+        if hasattr(model, 'set_fast_path'):  # 'auto' decided as the CLIs decide it (models/fast_ops.plan_auto)
+            job = fast_path_job(args, device, train, self.amp)
+            self.kernels = model.set_fast_path(spec['fast_path'], job).fast_path
         elif spec['fast_path'] != 'none':
             raise ValueError(f'{args.model} has no fast paths (set_fast_path)')
+        else:
+            self.kernels = 'none'
         self.memory_format = torch.channels_last if 'cl' in opts else torch.contiguous_format
         if 'cl' in opts:
             model = model.to(memory_format=torch.channels_last)
@@ -234,15 +251,15 @@ class Runner:
             if 'fuse' in opts:
                 model = model.fuse()
         self.model = model
-        self.amp = 'amp' in opts or args.amp
         self.amp_dtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16}[args.amp_dtype]
         self.optimizer = None
         self.scaler = None
         if train and 'noopt' not in opts and args.opt != 'none':
             kw = dict(lr=1e-3, weight_decay=0.05)
-            if 'fusedadam' in opts or args.opt == 'adamw_fused':
+            fused_default = args.opt == 'auto' and 'foreachadam' not in opts and _fused_adamw_works(device)
+            if 'fusedadam' in opts or args.opt == 'adamw_fused' or fused_default:
                 kw['fused'] = True
-            elif 'foreachadam' in opts or args.opt == 'adamw_foreach':
+            elif 'foreachadam' in opts or args.opt in ('adamw_foreach', 'auto'):
                 kw['foreach'] = True
             self.optimizer = torch.optim.AdamW(model.parameters(), **kw)
             if self.amp and self.amp_dtype == torch.float16 and device.type == 'cuda':
@@ -302,13 +319,13 @@ class Runner:
 
 def run_benchmark(args) -> Dict[str, Any]:
     timm = _import_models()
-    device = torch.device(args.device)
+    device = torch.device(resolve_device_type(args.device) if args.device in DEVICE_CHOICES else args.device)
     if device.type == 'cpu' and args.malloc != 'default':
         tune_cpu_allocator(args.malloc)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    specs = [parse_spec(s) for s in args.compare.split(',')] if args.compare else [parse_spec(args.config)]
+    specs = [parse_spec(s) for s in args.compare.split(',')] if args.compare else [parse_spec(args.spec)]
     baseline = parse_spec(args.baseline)
     if args.compare and baseline['name'] not in [s['name'] for s in specs]:
         specs.insert(0, baseline)
@@ -316,11 +333,8 @@ def run_benchmark(args) -> Dict[str, Any]:
 
     base_model = timm.create_model(args.model, num_classes=args.num_classes)
     flops_fwd = count_flops(base_model, args.img_size)
-    peak_dtype = torch.float32
-    if args.amp or any('amp' in s['options'] for s in specs):
-        peak_dtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16}[args.amp_dtype]
     peak = measure_matmul_peak(device, torch.float32)
-    peak_amp = measure_matmul_peak(device, peak_dtype) if peak_dtype != torch.float32 else peak
+    peak_amp = measure_matmul_peak(device, {'bfloat16': torch.bfloat16, 'float16': torch.float16}[args.amp_dtype])
 
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
@@ -364,7 +378,6 @@ def run_benchmark(args) -> Dict[str, Any]:
             med = statistics.median(r.times)
             cpu_med = statistics.median(r.cpu_times)
             flops = None if flops_fwd is None else flops_fwd * args.batch_size * (3 if train else 1)
-            mfu_peak = peak_amp if r.amp else peak
             res = dict(
                 config=r.name if r.kernels == r.spec['fast_path'] else f'{r.name} ({r.kernels})', mode=mode,
                 model=args.model, img_size=args.img_size, batch_size=args.batch_size,
@@ -374,7 +387,8 @@ def run_benchmark(args) -> Dict[str, Any]:
                 img_per_s=args.batch_size / med,
                 first_step_s=r.first_step_s,
                 compile_s=max(r.first_step_s - med, 0.0) if r.compiles else None,
-                mfu=(flops / med / mfu_peak) if flops else None,
+                mfu_fp32=(flops / med / peak) if flops else None,  # against the fp32 matmul peak
+                mfu_amp=(flops / med / peak_amp) if flops else None,  # against the --amp-dtype matmul peak
                 speedup=(base_med / med) if base_med else None,
                 cpu_s_median=cpu_med, cpu_speedup=(base_cpu / cpu_med) if base_cpu else None,
                 **r.memory,
@@ -397,6 +411,11 @@ def run_benchmark(args) -> Dict[str, Any]:
     )
 
 
+def _fused_adamw_works(device: torch.device) -> bool:
+    from .builders import fused_adamw_works
+    return fused_adamw_works(device)
+
+
 def _loadavg() -> Optional[List[float]]:
     try:
         return list(os.getloadavg())
@@ -415,9 +434,17 @@ def _cpu_name() -> str:
     return platform.processor() or 'unknown'
 
 
+def _pct(v: Optional[float]) -> Optional[float]:
+    return None if v is None else 100 * v
+
+
+def _short(report: Dict[str, Any]) -> str:
+    return {'bfloat16': 'bf16', 'float16': 'fp16'}[report['args']['amp_dtype']]
+
+
 def format_table(report: Dict[str, Any]) -> str:
-    head = ('mode', 'config', 'img/s', 'step ms', 'x base', 'cpu x', 'MFU %', 'peak MB', 'act MB', 'first s',
-            'compile s')
+    head = ('mode', 'config', 'img/s', 'step ms', 'x base', 'cpu x', 'MFU32 %', f"MFU{_short(report)} %", 'peak MB',
+            'act MB', 'first s', 'compile s')
     rows = [head]
 
     def f(v, fmt):
@@ -426,7 +453,7 @@ def format_table(report: Dict[str, Any]) -> str:
     for r in report['results']:
         rows.append((r['mode'], r['config'], f(r['img_per_s'], '.2f'), f(r['step_s_median'] * 1e3, '.1f'),
                      f(r['speedup'], '.2f'), f(r.get('cpu_speedup'), '.2f'),
-                     f(None if r['mfu'] is None else 100 * r['mfu'], '.1f'),
+                     f(_pct(r.get('mfu_fp32')), '.1f'), f(_pct(r.get('mfu_amp')), '.1f'),
                      f(r.get('peak_mem_mb'), '.0f'), f(r.get('activation_mem_mb'), '.0f'),
                      f(r['first_step_s'], '.1f'), f(r['compile_s'], '.1f')))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
@@ -437,7 +464,8 @@ def format_table(report: Dict[str, Any]) -> str:
     title = (f"{a['model']} @{a['img_size']} batch {a['batch_size']} on {a['device']} "
              f"({report['system']['device_name']}, {report['system']['cpu_threads']} threads, "
              f"torch {report['system']['torch']}); median of {a['steps']} steps after {a['warmup']} warm-up; "
-             f"matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s; "
+             f"matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s fp32, "
+             f"{report['matmul_peak_amp_gflops']:.0f} {a['amp_dtype']}; "
              f"{(report['model_gflops_per_img'] or 0):.2f} GFLOPs/img fwd; x base = vs '{report['baseline']}' "
              f"(wall), cpu x = the same in process CPU time; load average at the end "
              f"{'/'.join(f'{v:.1f}' for v in (report.get('load_average') or []))}")
@@ -445,30 +473,40 @@ def format_table(report: Dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument('--model', default='van_b0')
-    p.add_argument('--img-size', type=int, default=224)
-    p.add_argument('-b', '--batch-size', type=int, default=32)
-    p.add_argument('--num-classes', type=int, default=1000)
-    p.add_argument('--device', default='cpu')
-    p.add_argument('--mode', choices=('train', 'infer', 'both'), default='train')
-    p.add_argument('--config', default='none', help="one configuration spec (default 'none'); see above")
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip(), formatter_class=_HelpFormatter,
+                                epilog=__doc__)
+    p.add_argument('--model', default=DEFAULT_MODEL, help='a VAN name (van_b0..van_b6, van_tiny/small/base/large)')
+    p.add_argument('--img-size', type=int, default=DEFAULT_IMG_SIZE, help='input height and width, px')
+    p.add_argument('-b', '--batch-size', type=int, default=DEFAULTS['batch_size'], help='images per step')
+    p.add_argument('--num-classes', type=int, default=OWN_DEFAULTS['num_classes'],
+                   help='classes of the head and the synthetic labels')
+    p.add_argument('--device', default=DEFAULTS['device'],
+                   help='auto, cpu, cuda, cuda:N or npu (auto: as train.py resolves it, vancls/device.py)')
+    p.add_argument('--mode', choices=('train', 'infer', 'both'), default='train', help='train step, inference, or both')
+    p.add_argument('--spec', '--config', dest='spec', default='none', metavar='SPEC',
+                   help="one configuration: a fast-path mode and '+' options (the grammar is below the options); "
+                        "--config is a deprecated alias")
     p.add_argument('--compare', default='', help='comma-separated specs run interleaved, e.g. none,nhwc,nhwc+fuse')
-    p.add_argument('--baseline', default='none', help="spec the ratios are taken against (default 'none')")
+    p.add_argument('--baseline', default='none', help='spec the ratios are taken against')
     p.add_argument('--fast-path', dest='fast_path_alias', default=None,
-                   help='shorthand for --config MODE (a fast-path mode without options)')
+                   help='shorthand for --spec MODE (a fast-path mode without options)')
     p.add_argument('--run-steps', type=int, default=None, metavar='N',
                    help="the length of the run, in forward passes, that 'auto' is resolved for as the CLIs resolve "
-                        "it (default: train.py's default flags on ImageNet-1k for --mode train, 310 epochs; "
-                        "validate.py's on its 50000 images for --mode infer; 1: a short run)")
+                        f"it (default: train.py's default flags on ImageNet-1k for --mode train, "
+                        f"{_DEFAULT_TRAIN_EPOCHS} epochs; validate.py's on its {_IMAGENET_VAL_IMAGES} images for "
+                        f"--mode infer; 1: a short run)")
     p.add_argument('--amp', action='store_true', help='autocast every configuration (see also the amp option)')
-    p.add_argument('--amp-dtype', choices=('bfloat16', 'float16'), default='bfloat16')
+    p.add_argument('--amp-dtype', choices=('bfloat16', 'float16'), default=OWN_DEFAULTS['amp_dtype'],
+                   help='autocast dtype of --amp and the amp option')
     p.add_argument('--compile', action='store_true', help='torch.compile every configuration')
-    p.add_argument('--opt', choices=('adamw', 'adamw_fused', 'adamw_foreach', 'none'), default='adamw',
-                   help='optimizer step in the train step (default: torch.optim.AdamW with its defaults)')
-    p.add_argument('--warmup', type=int, default=3)
-    p.add_argument('--steps', type=int, default=10)
+    p.add_argument('--opt', choices=('auto', 'adamw', 'adamw_fused', 'adamw_foreach', 'none'),
+                   default=OWN_DEFAULTS['opt'],
+                   help="optimizer step in the train step. auto: train.py's default (--opt-impl auto: fused AdamW "
+                        "where this torch has it for the device, else foreach); adamw: torch.optim.AdamW's own "
+                        "default (on the CPU a per-parameter loop, which slows to seconds per step once the "
+                        "second moments underflow to denormal floats)")
+    p.add_argument('--warmup', type=int, default=3, help='untimed steps first (the first one is reported)')
+    p.add_argument('--steps', type=int, default=10, help='timed steps')
     p.add_argument('--malloc', default='default', choices=CPU_MALLOC_CHOICES,
                    help="CPU allocator policy for the whole run (vancls.device.tune_cpu_allocator). default: glibc's, "
                         "as the reference runs (timing first, then memory with 'release' switched on: approximate, "
@@ -477,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(page faults), do not compare its times")
     p.add_argument('--no-memory', dest='memory', action='store_false', help='skip the memory measurement step')
     p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: leave as is)')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=DEFAULTS['seed'], help='seed of the weights and the synthetic batch')
     p.add_argument('--json-out', default='', help='write the full report (every step time) to this JSON file')
     p.add_argument('--summarize', nargs='+', metavar='JSON', default=None,
                    help='print one table of earlier --json-out reports (missing files are listed) and exit')
@@ -486,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def summarize(paths: List[str]) -> str:
     """One table over several reports (e.g. benchmarks/gpu.sh's runs), each row with its model, size and batch."""
-    head = ('model', 'px', 'batch', 'mode', 'config', 'img/s', 'step ms', 'x base', 'MFU %', 'act MB', 'compile s')
+    head = ('model', 'px', 'batch', 'mode', 'config', 'img/s', 'step ms', 'x base', 'MFU32 %', 'MFU16 %', 'act MB',
+            'compile s')
     rows, notes, system = [head], [], None
 
     def f(v, fmt):
@@ -504,7 +543,7 @@ def summarize(paths: List[str]) -> str:
             rows.append((r['model'], str(r['img_size']), str(r['batch_size']), r['mode'], r['config'],
                          f(r['img_per_s'], '.1f'), f(r['step_s_median'] * 1e3, '.1f'),
                          f(r['speedup'], '.2f') + ('' if rep['baseline'] == 'none' else f" (vs {rep['baseline']})"),
-                         f(None if r['mfu'] is None else 100 * r['mfu'], '.1f'),
+                         f(_pct(r.get('mfu_fp32', r.get('mfu'))), '.1f'), f(_pct(r.get('mfu_amp')), '.1f'),
                          f(r.get('activation_mem_mb'), '.0f'), f(r['compile_s'], '.1f')))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     lines = ['  '.join(str(c).ljust(w) if i in (0, 3, 4) else str(c).rjust(w) for i, (c, w) in
@@ -523,7 +562,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         print(summarize(args.summarize))
         return {}
     if args.fast_path_alias:
-        args.config = args.fast_path_alias
+        args.spec = args.fast_path_alias
     if args.warmup < 1 or args.steps < 1:
         raise SystemExit('--warmup and --steps must be >= 1')
     try:

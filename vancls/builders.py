@@ -1,9 +1,10 @@
 """Model, optimizer, loss and mixup from the parsed arguments (shared by train.py, validate.py, predict.py, export.py)."""
+import dataclasses
 import json
 import logging
 import os
 from types import SimpleNamespace
-from typing import Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -11,7 +12,7 @@ import torch.nn as nn
 import models  # noqa: F401 - registers the VAN names with timm
 from models.van import VAN_NAMES
 from .checkpoint import checkpoint_meta, load_model_weights, model_state_dict, read_checkpoint
-from .config import UsageError
+from .config import DEFAULT_MODEL, UsageError, option
 
 _logger = logging.getLogger('vancls')
 
@@ -26,22 +27,43 @@ def create_model(args, num_classes: int, pretrained: bool = False, **extra) -> n
     import timm
     check_model_name(args.model)
     kwargs = dict(num_classes=num_classes, **extra)
-    for name, dest in (('drop_rate', 'drop'), ('drop_path_rate', 'drop_path')):
+    for name, dest in (('drop_rate', 'drop'), ('drop_path_rate', 'drop_path')):  # training CLIs only
         if getattr(args, dest, None) is not None:
             kwargs[name] = getattr(args, dest)
-    if getattr(args, 'in_chans', None):
+    if option(args, 'in_chans'):
         kwargs['in_chans'] = args.in_chans
-    if getattr(args, 'head_init_scale', None) is not None:
+    if option(args, 'head_init_scale') is not None:
         kwargs['head_init_scale'] = args.head_init_scale
-    if pretrained and getattr(args, 'pretrained_path', None):
+    if pretrained and option(args, 'pretrained_path'):
         # Read here (safe on every torch, --trust-checkpoint honoured); timm then adapts the input conv and keeps
         # the file's head only when it fits num_classes.
         path = args.pretrained_path
-        state_dict = model_state_dict(read_checkpoint(path, getattr(args, 'trust_checkpoint', False)), path)
+        # Pretrained weights follow timm's rule: the file's EMA weights when it has them (models/_helpers.py).
+        state_dict = model_state_dict(read_checkpoint(path, option(args, 'trust_checkpoint')), path,
+                                      use_ema='prefer')
         head = state_dict.get('head.weight')
         kwargs['pretrained_cfg_overlay'] = dict(state_dict=state_dict,
                                                 num_classes=head.shape[0] if head is not None else 1000)
     return timm.create_model(args.model, pretrained=pretrained, **kwargs)
+
+
+def configure_batchnorm(model: nn.Module, args) -> int:
+    """--bn-tf, then --bn-momentum / --bn-eps, on every BatchNorm of `model`; returns how many were changed."""
+    from .reference_compat import BN_TF_EPS, BN_TF_MOMENTUM, reference_option  # the reference's --bn-tf
+    momentum, eps = (BN_TF_MOMENTUM, BN_TF_EPS) if reference_option(args, 'bn_tf') else (None, None)
+    if reference_option(args, 'bn_momentum') is not None:
+        momentum = args.bn_momentum
+    if reference_option(args, 'bn_eps') is not None:
+        eps = args.bn_eps
+    if momentum is None and eps is None:
+        return 0
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        if momentum is not None:
+            m.momentum = momentum
+        if eps is not None:
+            m.eps = eps
+    return len(norms)
 
 
 def check_optimizer_name(name: str):
@@ -67,8 +89,8 @@ def fused_adamw_works(device: torch.device) -> bool:
 def create_optimizer(args, model: nn.Module, device: torch.device):
     """timm's optimizer factory (weight decay skips 1-D params, as in the reference); fused AdamW where it exists.
 
-    `--opt-impl auto` uses torch's fused AdamW kernel on cuda/cpu (measured 3-6x faster optimizer steps on this
-    project's CPU), foreach elsewhere; `--opt-impl plain` gives the per-parameter loop of the reference.
+    `--opt-impl auto` uses torch's fused AdamW kernel on cuda/cpu (faster optimizer steps: docs/PERFORMANCE.md),
+    foreach elsewhere; `--opt-impl plain` gives the per-parameter loop of the reference.
     """
     from models.timm_compat import create_optimizer as create_optimizer_v2  # timm 0.4.12 .. 1.x
     check_optimizer_name(args.opt)
@@ -77,7 +99,7 @@ def create_optimizer(args, model: nn.Module, device: torch.device):
         kwargs['eps'] = args.opt_eps
     if args.opt_betas is not None:
         kwargs['betas'] = tuple(args.opt_betas)
-    impl = getattr(args, 'opt_impl', 'auto')
+    impl = option(args, 'opt_impl')
     if args.opt.lower() in ('adamw', 'adam') and impl != 'plain':
         fused_ok = impl in ('auto', 'fused') and fused_adamw_works(device)
         if impl == 'fused' and not fused_ok:
@@ -91,8 +113,8 @@ def create_optimizer(args, model: nn.Module, device: torch.device):
                                momentum=args.momentum, layer_decay=args.layer_decay, **kwargs)
 
 
-# The reference recipe: lr 1e-3 for a global batch of 1024 (128 per device x 8 devices).
-RECIPE_LR, RECIPE_GLOBAL_BATCH = 1e-3, 1024
+# The reference recipe's lr, for its global batch of 128 per device x 8 devices (--lr-base-size's default).
+RECIPE_LR = 1e-3
 
 
 def resolve_lr(args, world_size: int) -> Tuple[float, int, Optional[str]]:
@@ -100,8 +122,8 @@ def resolve_lr(args, world_size: int) -> Tuple[float, int, Optional[str]]:
 
     global batch = --batch-size (per device) x devices x --grad-accum-steps. An explicit --lr wins. Else --lr-base
     is scaled by global batch / --lr-base-size (--lr-base-scale linear) or by its square root (sqrt). Else the
-    reference's 1e-3. The warning says when the global batch differs from --lr-base-size (the batch the lr is
-    meant for) and nothing scaled the lr, with both fixes.
+    reference's 1e-3. The warning says when that default lr meets a global batch other than --lr-base-size (the
+    batch it is meant for), with both fixes; an lr the user chose (--lr, --lr-base) is theirs and gets none.
     """
     global_batch = args.batch_size * world_size * args.grad_accum_steps
     for flag, value in (('--lr', args.lr), ('--lr-base', args.lr_base)):
@@ -114,29 +136,46 @@ def resolve_lr(args, world_size: int) -> Tuple[float, int, Optional[str]]:
     if args.lr is None and args.lr_base is not None:
         ratio = global_batch / args.lr_base_size
         return args.lr_base * (ratio ** 0.5 if args.lr_base_scale == 'sqrt' else ratio), global_batch, None
-    lr = RECIPE_LR if args.lr is None else args.lr
+    if args.lr is not None:
+        return args.lr, global_batch, None
+    lr = RECIPE_LR
     if global_batch == args.lr_base_size:
         return lr, global_batch, None
     per_step = args.batch_size * world_size
     steps = args.lr_base_size // per_step if args.lr_base_size % per_step == 0 else None
     accum = (f'--grad-accum-steps {steps}' if steps else
              f'--batch-size and --grad-accum-steps with batch x {world_size} devices x steps = {args.lr_base_size}')
-    drop = ' (without --lr, which wins)' if args.lr is not None else ''
     warning = (f'global batch {global_batch} differs from the {args.lr_base_size} that lr {lr:g} is meant for '
-               f'(--lr-base-size) and nothing scales the lr: pass --lr-base {lr:g}{drop} to scale it to the global '
-               f'batch, or {accum} to reach {args.lr_base_size}')
+               f'(--lr-base-size) and nothing scales the lr: pass --lr-base {lr:g} to scale it to the global '
+               f'batch, {accum} to reach {args.lr_base_size}, or --lr to choose the lr yourself')
     return lr, global_batch, warning
+
+
+def _scheduler_options(args) -> Dict[str, Any]:
+    """Keyword arguments for timm's create_scheduler_v2 from the reference's schedule options that differ from
+    timm's behaviour without them (the reference's --lr-noise, --lr-k-decay, --patience-epochs; an empty dict for the
+    reference recipe)."""
+    out: Dict[str, Any] = {}
+    from .reference_compat import reference_option
+    if reference_option(args, 'lr_noise') is not None:
+        noise = list(args.lr_noise)
+        out.update(noise=noise if len(noise) > 1 else noise[0], noise_pct=args.lr_noise_pct,
+                   noise_std=args.lr_noise_std, noise_seed=args.seed)
+    if reference_option(args, 'lr_k_decay') != 1.0:  # the defaults: what timm does without the option
+        out['k_decay'] = args.lr_k_decay
+    if reference_option(args, 'patience_epochs') != 10:
+        out['patience_epochs'] = args.patience_epochs
+    return out
 
 
 def create_scheduler(args, optimizer):
     """The per-epoch lr schedule over --epochs; train.py then trains --cooldown-epochs more at the schedule's end
     value (min lr), as the reference does. step(epoch) is called at the start of each epoch."""
     from models.timm_compat import create_scheduler as timm_create  # timm 0.4.12 .. 1.x
-    from .reference_compat import scheduler_options
     scheduler, _ = timm_create(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs, cooldown_epochs=0,
         decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
-        step_on_epochs=True, **scheduler_options(args))  # the reference's --lr-noise, --lr-k-decay, ...
+        step_on_epochs=True, **_scheduler_options(args))
     return scheduler
 
 
@@ -154,12 +193,13 @@ def create_train_loss(args, mixup_active: bool) -> nn.Module:
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     if args.bce_loss:
         from models.timm_compat import binary_cross_entropy_cls
+        from .reference_compat import reference_option
         try:
             BinaryCrossEntropy = binary_cross_entropy_cls()
         except ValueError as e:
             raise UsageError(str(e)) from None
         return BinaryCrossEntropy(smoothing=0. if mixup_active else args.smoothing,
-                                  target_threshold=getattr(args, 'bce_target_thresh', None))
+                                  target_threshold=reference_option(args, 'bce_target_thresh'))
     if mixup_active:
         return SoftTargetCrossEntropy()  # smoothing is already in mixup's targets
     if args.smoothing:
@@ -175,24 +215,27 @@ def resolve_data_config(args, pretrained_cfg: Optional[dict] = None) -> dict:
     if pretrained_cfg is None:
         check_model_name(args.model)
         pretrained_cfg = default_cfgs[args.model]
-    cfg_args = {k: getattr(args, k, None) for k in ('input_size', 'img_size', 'crop_pct', 'mean', 'std',
-                                                    'interpolation', 'in_chans')}
+    cfg_args = {k: option(args, k) for k in ('input_size', 'img_size', 'crop_pct', 'mean', 'std', 'interpolation',
+                                             'in_chans')}
     return timm_resolve(cfg_args, pretrained_cfg=dict(pretrained_cfg))
 
 
-# Data options that default to the values the model was trained with (saved in our checkpoints' `args`).
-_DATA_KEYS = ('input_size', 'img_size', 'crop_pct', 'mean', 'std', 'interpolation')
-
+# Data options that default to the values the model was trained with (our checkpoints' `args`, the data_args of
+# export.py's .safetensors, the config.json of a timm folder): evaluation preprocesses as training did.
+DATA_KEYS = ('input_size', 'img_size', 'crop_pct', 'mean', 'std', 'interpolation')
 
 # timm's prefix for a model folder shared as timm does (export.py --format timm): --model local-dir:DIR
 LOCAL_DIR = 'local-dir:'
 
 
-def _load_local_dir(args):
-    """load_trained_model for --model local-dir:DIR: timm.create_model('local-dir:DIR', pretrained=True) builds the
-    model from DIR/config.json and loads DIR/model.safetensors; class names are its label_names."""
+def _given(value) -> bool:
+    return value not in (None, '', [])
+
+
+def _read_local_dir(args) -> Tuple[dict, Callable]:
+    """(what a timm folder says about its model, a function building the model with its weights) for
+    --model local-dir:DIR, the folder export.py --format timm writes (config.json + model.safetensors)."""
     import timm
-    from .data import load_class_map
     folder = args.model[len(LOCAL_DIR):]
     cfg_file = os.path.join(folder, 'config.json')
     if not os.path.isfile(cfg_file):
@@ -206,76 +249,147 @@ def _load_local_dir(args):
     except (ValueError, KeyError, TypeError):
         raise UsageError(f'{cfg_file}: not a timm model config (no "architecture")') from None
     check_model_name(arch)
-    model = timm.create_model(args.model, pretrained=True).eval()
-    cfg = dict(model.pretrained_cfg)
-    names = load_class_map(args.class_map) if getattr(args, 'class_map', '') else cfg.get('label_names')
-    names = [str(c) for c in names] if names else [str(i) for i in range(model.num_classes)]
-    if len(names) != model.num_classes:
-        raise UsageError(f'{len(names)} class names for a model with {model.num_classes} classes')
-    data_args = {k: getattr(args, k, None) for k in _DATA_KEYS}
-    data_args = {k: v for k, v in data_args.items() if v not in (None, '')}
-    data_config = resolve_data_config(SimpleNamespace(**data_args), pretrained_cfg=cfg)
-    return model, {'model': arch, 'num_classes': model.num_classes, 'data_args': data_args,
-                   'class_names': names}, data_config
+    model = timm.create_model(args.model, pretrained=True)  # timm reads config.json and model.safetensors
+    cfg = model.pretrained_cfg
+    stored = {'arch': arch, 'num_classes': model.num_classes, 'class_names': cfg.get('label_names'),
+              'args': {k: cfg.get(k) for k in ('input_size', 'crop_pct', 'mean', 'std', 'interpolation')},
+              'source': folder}
+    return stored, lambda name, num_classes: model
+
+
+def _read_checkpoint_source(args) -> Tuple[dict, Callable]:
+    """(what --checkpoint FILE says about its model, a function building the model with its weights); for
+    --pretrained without a checkpoint, the official weights (timm's pretrained loading)."""
+    ckpt = read_checkpoint(args.checkpoint, args.trust_checkpoint) if args.checkpoint else None
+    stored = dict(checkpoint_meta(ckpt), source=args.checkpoint or 'the official weights')
+
+    def build(name, num_classes):
+        model = create_model(SimpleNamespace(model=name, in_chans=args.in_chans, trust_checkpoint=args.trust_checkpoint,
+                                             pretrained_path=option(args, 'pretrained_path')),
+                             num_classes, pretrained=args.pretrained and not args.checkpoint)
+        if ckpt is not None:
+            load_model_weights(model, args.checkpoint, use_ema=args.use_ema, checkpoint=ckpt)
+        return model
+    return stored, build
+
+
+def _model_name(args, stored: dict) -> str:
+    """--model, else the model the file holds; a --model that contradicts the file is an error naming both."""
+    from models.van import canonical_variant
+    name, arch, source = args.model, stored['arch'], stored['source']
+    if name and name.startswith(LOCAL_DIR):
+        name = arch
+    elif name:
+        check_model_name(name)  # not a VAN name at all: say so first
+    if name and arch and canonical_variant(name) != canonical_variant(arch):
+        raise UsageError(f'--model {name} does not match {source}, which holds {arch}: drop --model (the file '
+                         f'names its model) or pass --model {arch}')
+    name = name or arch
+    if not name:
+        if args.checkpoint:
+            raise UsageError(f'{args.checkpoint} does not name its model and its weights match no VAN variant: '
+                             f'give --model (one of {", ".join(VAN_NAMES)})')
+        name = DEFAULT_MODEL  # --pretrained without --model: the parser's documented default
+    check_model_name(name)
+    return name
+
+
+def _eval_data_config(args, name: str, stored: dict, pretrained_cfg: Optional[dict]) -> Tuple[dict, dict, list]:
+    """(data options used, timm data config, notes): each option from the command line, else the value the model
+    was trained with, else the model's default. One note per flag that overrides a stored training value."""
+    stored_args = stored['args'] or {}
+    data_args, notes = {}, []
+    for key in DATA_KEYS:
+        given, trained = option(args, key), stored_args.get(key)
+        data_args[key] = given if _given(given) else trained
+        if _given(given) and _given(trained) and list(given if isinstance(given, (list, tuple)) else [given]) != \
+                list(trained if isinstance(trained, (list, tuple)) else [trained]):
+            notes.append(f'--{key.replace("_", "-")} {given} overrides the value {stored["source"]} was '
+                         f'trained with ({trained})')
+    if _given(option(args, 'img_size')) or _given(option(args, 'input_size')):
+        data_args['input_size'] = option(args, 'input_size')  # a size given here wins outright
+        data_args['img_size'] = option(args, 'img_size')
+    return data_args, resolve_data_config(SimpleNamespace(model=name, **data_args), pretrained_cfg), notes
 
 
 def load_trained_model(args):
-    """(model in eval mode on the CPU, meta, data_config) from --checkpoint / --pretrained / --model local-dir:DIR
-    and the data options, for the inference CLIs (predict.py, export.py).
+    """The one evaluation-model builder (validate.py, predict.py, export.py, and --model local-dir:DIR): returns
+    (model in eval mode on the CPU, meta, data_config) from --checkpoint / --pretrained / --model local-dir:DIR.
 
-    meta: model (name), num_classes, class_names (list of str, or indices as str when the file has none), and
-    data_args, the data options used (the command line's, else the checkpoint's training values).
+    Defaults, each decided here once: the model is --model, else the one the file holds (an error when they
+    differ); the class count is --num-classes, else the file's head, else the number of stored class names, else
+    1000 (the official weights); the class names are --class-map, else the file's; the input size, crop,
+    mean/std and interpolation are the flags, else the values the model was trained with, else the model's.
+    meta: model (name), num_classes, class_names (list of str; indices as str when the file has none),
+    stored_class_names (the file's, or None), data_args (the data options used), notes (one line per flag that
+    overrides a stored training value: the caller logs them).
     """
     from .data import load_class_map
     if (args.model or '').startswith(LOCAL_DIR):
-        return _load_local_dir(args)
-    if not (args.checkpoint or args.pretrained):
+        stored, build = _read_local_dir(args)
+    elif args.checkpoint or args.pretrained:
+        stored, build = _read_checkpoint_source(args)
+    else:
         raise UsageError('give --checkpoint PATH (or --pretrained for the official weights, or --model '
                          'local-dir:DIR for a folder of export.py --format timm)')
-    ckpt = read_checkpoint(args.checkpoint, args.trust_checkpoint) if args.checkpoint else None
-    meta = checkpoint_meta(ckpt)
-    name = args.model or meta['arch']
-    if not name:
-        raise UsageError(f'{args.checkpoint} does not name its model: give --model (van_b0 .. van_b6)')
-    check_model_name(name)
-    class_names = load_class_map(args.class_map) if getattr(args, 'class_map', '') else meta['class_names']
-    num_classes = getattr(args, 'num_classes', None) or meta['num_classes'] or (len(class_names) if class_names else 1000)
+    name = _model_name(args, stored)
+    class_names = load_class_map(args.class_map) if option(args, 'class_map') else stored['class_names']
+    num_classes = (option(args, 'num_classes') or stored['num_classes']
+                   or (len(class_names) if class_names else 1000))
     if class_names is not None and len(class_names) != num_classes:
         raise UsageError(f'{len(class_names)} class names for a model with {num_classes} classes')
-    build_args = SimpleNamespace(model=name, pretrained_path=getattr(args, 'pretrained_path', ''),
-                                 in_chans=getattr(args, 'in_chans', None))
-    model = create_model(build_args, num_classes, pretrained=args.pretrained and not args.checkpoint)
-    if ckpt is not None:
-        load_model_weights(model, args.checkpoint, use_ema=getattr(args, 'use_ema', False), checkpoint=ckpt)
-    model.eval()
-    data_args = {}
-    for key in _DATA_KEYS:
-        value = getattr(args, key, None)
-        data_args[key] = value if value not in (None, '') else meta['args'].get(key)
-    if getattr(args, 'input_size', None) or getattr(args, 'img_size', None):  # a size given here wins outright
-        data_args['input_size'] = getattr(args, 'input_size', None)
-        data_args['img_size'] = getattr(args, 'img_size', None)
-    data_config = resolve_data_config(SimpleNamespace(model=name, **data_args))
-    return model, {'model': name, 'num_classes': num_classes, 'data_args': data_args,
-                   'class_names': [str(c) for c in class_names] if class_names else
-                   [str(i) for i in range(num_classes)]}, data_config
+    model = build(name, num_classes).eval()
+    data_args, data_config, notes = _eval_data_config(args, name, stored, dict(model.pretrained_cfg)
+                                               if (args.model or '').startswith(LOCAL_DIR) else None)
+    names = [str(c) for c in class_names] if class_names else [str(i) for i in range(num_classes)]
+    return model, {'model': name, 'num_classes': num_classes, 'data_args': data_args, 'class_names': names,
+                   'stored_class_names': names if class_names else None, 'notes': notes}, data_config
 
 
-def set_fast_path(model: nn.Module, mode: str, steps: Optional[int] = None, img_size: Optional[int] = None) -> str:
-    """--fast-path for every CLI; returns a line saying what runs. 'auto' is resolved here, knowing the run
-    (`steps` forward passes and the input size; None: unknown): compiled kernels only where the run pays for their
-    compile (models/fast_ops.auto_mode)."""
-    from models.fast_ops import auto_mode
+def prepare_inference(model: nn.Module, args, device: torch.device, forward_passes: Optional[int],
+                      img_size: int, amp) -> nn.Module:
+    """A trained model made ready to evaluate: device, fast path and precision (auto knows the job), fusing
+    (--fuse), memory layout, compiling. The one place the inference CLIs do this."""
+    from models.fast_ops import compile_inference
+    model.to(device).eval()
+    _logger.info(set_fast_path(model, args.fast_path, forward_passes, img_size, kind='infer', amp=amp,
+                               batch_size=args.batch_size))
+    model = inference_model(model, option(args, 'fuse'))
+    if option(args, 'channels_last'):
+        model.to(memory_format=torch.channels_last)
+    if option(args, 'compile'):
+        model = compile_inference(model, device.type)
+    return model
+
+
+def inference_model(model: nn.Module, fuse: bool) -> nn.Module:
+    """The model that evaluates: with `fuse`, VAN.fuse()'s inference-only copy (BatchNorm and layer scales folded,
+    same kernels); else the model itself. Also train.py's evaluation, each epoch (the weights change)."""
+    return model.fuse() if fuse and hasattr(model, 'fuse') else model
+
+
+def set_fast_path(model: nn.Module, mode: str, steps: Optional[int] = None, img_size: Optional[int] = None,
+                  kind: str = 'train', amp=None, batch_size: Optional[int] = None) -> str:
+    """--fast-path (and, for `--amp` without a dtype on the CPU, the precision) for every CLI; returns a line saying
+    what runs and why. 'auto' is decided by the one planner (models/fast_ops.plan_auto) for this job: `steps`
+    planned forward passes of `batch_size` images of `img_size` px (None: unknown), `kind` 'train' or 'infer', in
+    the precision of `amp` (vancls.device.Amp; None: float32)."""
+    from models.fast_ops import FastPathJob, faster_precision
     if not hasattr(model, 'set_fast_path'):
         return f'fast path: {type(model).__name__} has none'
-    note = f'fast path {mode}'
+    device = next(model.parameters()).device.type
+    job = FastPathJob(device, kind, steps, img_size, amp.precision if amp is not None else 'float32', batch_size)
+    bf16_by_default = amp is not None and amp.enabled and amp.impl == 'native' and not amp.dtype_given \
+        and job.precision == 'bfloat16'
+    if bf16_by_default and faster_precision(model.complete_job(job), mode) == 'float32':
+        amp.use_float32(f'predicted faster than bfloat16 on this CPU for this job ({img_size or "?"} px, {kind}; '
+                        'docs/PERFORMANCE.md)')
+        job = dataclasses.replace(job, precision='float32')
     try:
-        if mode == 'auto':
-            device = next(model.parameters()).device.type
-            mode = auto_mode(device, steps, img_size)
-            note = (f'fast path auto: {mode} ({device}, {img_size or "?"} px, '
-                    f'{steps if steps is not None else "unknown"} forward passes)')
-        model.set_fast_path(mode)
+        model.set_fast_path(mode, job)
     except ValueError as e:
         raise UsageError(f'--fast-path: {e}') from None
-    return note
+    if mode != 'auto':
+        return f'fast path {mode}'
+    return (f'fast path auto: {model.fast_path} ({device}, {kind}, {img_size or "?"} px, {job.precision}, '
+            f'{steps if steps is not None else "unknown"} forward passes): {model.auto_plan().describe()}')

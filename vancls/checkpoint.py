@@ -3,7 +3,8 @@ head dropping, metadata, atomic writes, history, `--resume auto`.
 
 Layout of a checkpoint written by train.py (timm-compatible dict, loadable with torch.load(weights_only=True)):
     epoch, arch, state_dict, optimizer, scaler, scheduler, state_dict_ema, args (plain types), metric,
-    class_names, num_classes, version, and for recovery checkpoints also step_in_epoch, num_updates, rng, meters.
+    class_names, num_classes, version, summary_row (end-of-epoch files: the epoch's summary.csv row), and for recovery
+    checkpoints also step_in_epoch, num_updates, rng, meters.
 `epoch` is the epoch the checkpoint *finished* (step_in_epoch == 0) or is inside of (step_in_epoch > 0).
 Also read: the reference's/the port's checkpoints (timm 0.4's CheckpointSaver: `args` is an argparse.Namespace,
 `amp` holds apex's loss-scaler state, `version` 2), the official weight files, and export.py's .safetensors.
@@ -13,7 +14,6 @@ import errno
 import glob
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
@@ -23,21 +23,15 @@ import numpy as np
 import torch
 
 from . import faults
-from models.van import checkpoint_filter_fn
+from .errors import CheckpointError  # one module for the error classes
+from models._helpers import SAFE_GLOBALS, WeightsFileError, read_weights_file, state_dict_of  # noqa: F401
+from models.van import VAN_NAMES, canonical_variant, infer_variant
 
 _logger = logging.getLogger('vancls')
 
 CHECKPOINT_VERSION = 1
 LAST, BEST, RECOVERY = 'last.pth.tar', 'model_best.pth.tar', 'recovery.pth.tar'
 _EPOCH_RE = re.compile(r'checkpoint-(\d+)\.pth\.tar$')
-
-# Harmless types that reference-made checkpoints hold besides tensors and plain containers: timm's saver stores the
-# training arguments as an argparse.Namespace (attribute assignment only, no code runs).
-SAFE_GLOBALS = (argparse.Namespace,)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or does not fit; the message names the file."""
 
 
 def _fsync_dir(folder: str):
@@ -170,6 +164,24 @@ def plain(obj: Any) -> Any:
     return str(obj)
 
 
+def training_checkpoint(*, position: Dict[str, int], model: torch.nn.Module, optimizer, scheduler, scaler: dict,
+                        ema_model: Optional[torch.nn.Module], args, class_names: list, metric: Optional[float] = None,
+                        meters: Optional[dict] = None, rng_ranks: Optional[list] = None,
+                        device: Optional[torch.device] = None, summary_row: Optional[dict] = None) -> Dict[str, Any]:
+    """The dict train.py saves: the layout in the module docstring, written here once (read back by
+    read_checkpoint, checkpoint_meta, find_auto_resume and resume_position). position: epoch, step_in_epoch,
+    num_updates. rng_ranks: every rank's RNG states in rank order (each rank resumes with its own). summary_row:
+    the ended epoch's row of summary.csv (restored on resume if the stop came before the row was written)."""
+    return {
+        **position, 'arch': args.model, 'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
+        'scaler': scaler, 'scheduler': scheduler.state_dict(),
+        'state_dict_ema': ema_model.state_dict() if ema_model is not None else None,
+        'metric': metric, 'args': plain(vars(args)), 'class_names': list(class_names),
+        'num_classes': model.num_classes, 'rng': rng_ranks[0] if rng_ranks else rng_state(device),
+        'rng_ranks': rng_ranks, 'version': CHECKPOINT_VERSION, 'meters': meters, 'summary_row': summary_row,
+    }
+
+
 def rng_state(device: Optional[torch.device] = None) -> Dict[str, Any]:
     np_state = np.random.get_state()
     state = {
@@ -263,11 +275,12 @@ def _progress_key(ckpt: Dict[str, Any]) -> tuple:
     return (epoch, step) if step > 0 else (epoch + 1, 0)
 
 
-def find_auto_resume(folder: str, trust: bool = False) -> Optional[str]:
-    """The checkpoint of `folder` that is furthest into training and loads; unreadable ones are skipped."""
+def find_auto_resume(folder: str, trust: bool = False) -> tuple:
+    """(path, checkpoint dict) of the checkpoint of `folder` that is furthest into training and loads, or
+    (None, None); unreadable ones are skipped with a warning. The chosen file is read once, here."""
     candidates = [os.path.join(folder, n) for n in (RECOVERY, LAST)]
     candidates += glob.glob(os.path.join(folder, 'checkpoint-*.pth.tar'))
-    best, best_key = None, None
+    best, best_ckpt, best_key = None, None, None
     for path in candidates:
         if not os.path.isfile(path):
             continue
@@ -280,8 +293,34 @@ def find_auto_resume(folder: str, trust: bool = False) -> Optional[str]:
             continue
         key = _progress_key(ckpt)
         if best_key is None or key > best_key:
-            best, best_key = path, key
-    return best
+            best, best_ckpt, best_key = path, ckpt, key
+    return best, best_ckpt
+
+
+def find_newest_checkpoint(folder: str) -> Optional[str]:
+    """The newest checkpoint file of a run folder by modification time (for messages; resuming uses
+    find_auto_resume, which reads them), or None."""
+    files = [os.path.join(folder, n) for n in (RECOVERY, LAST)] + glob.glob(os.path.join(folder, 'checkpoint-*.pth.tar'))
+    files = [f for f in files if os.path.isfile(f)]
+    return max(files, key=os.path.getmtime) if files else None
+
+
+# The optimizer options that choose a kernel, not the math: they come from this run (--opt-impl), not the file.
+_KERNEL_KEYS = ('fused', 'foreach', 'capturable', 'differentiable')
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict[str, Any]):
+    """optimizer.load_state_dict(state), keeping this run's kernel choice (fused/foreach): a file from another
+    torch or another --opt-impl (the reference's, torch 1.x, has neither key) would otherwise replace it.
+    Set before loading, so that torch converts the step counters for that kernel (device, dtype)."""
+    groups = []
+    for ours, saved in zip(optimizer.param_groups, state.get('param_groups', [])):
+        saved = dict(saved)
+        saved.update({k: ours[k] for k in _KERNEL_KEYS if k in ours})
+        groups.append(saved)
+    if len(groups) == len(state.get('param_groups', [])):
+        state = dict(state, param_groups=groups)
+    optimizer.load_state_dict(state)
 
 
 def resume_position(ckpt: Dict[str, Any]) -> tuple:
@@ -296,54 +335,8 @@ def resume_position(ckpt: Dict[str, Any]) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------------- reading
-
-class _AllowlistUnpickler(pickle.Unpickler):
-    """torch < 2.4 has no user allowlist for weights_only loading: this unpickler resolves only torch's own
-    weights_only globals plus SAFE_GLOBALS, and refuses everything else (so no code in the file can run)."""
-
-    def find_class(self, module, name):
-        from torch._weights_only_unpickler import _get_allowed_globals
-        key = f'{module}.{name}'
-        allowed = {f'{g.__module__}.{g.__qualname__}': g for g in SAFE_GLOBALS}
-        allowed.update(_get_allowed_globals())
-        if key not in allowed:
-            raise pickle.UnpicklingError(f'Weights only load failed: GLOBAL {key} was not an allowed global')
-        return allowed[key]
-
-
-class _allowlist_pickle:  # noqa: N801 - stands in for the `pickle` module in torch.load(pickle_module=...)
-    Unpickler = _AllowlistUnpickler
-    __name__ = 'pickle'
-
-    @staticmethod
-    def load(file, **kwargs):  # torch's legacy (non-zip) format
-        return _AllowlistUnpickler(file, **kwargs).load()
-
-
-def _safe_torch_load(path: str):
-    if hasattr(torch.serialization, 'safe_globals'):  # torch >= 2.4
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    return torch.load(path, map_location='cpu', weights_only=False, pickle_module=_allowlist_pickle)
-
-
-def _read_safetensors(path: str) -> Dict[str, Any]:
-    """export.py's format: a flat state dict (never unpickled) and string metadata, as a checkpoint dict."""
-    import json
-    try:
-        from safetensors import safe_open
-    except ImportError:
-        raise CheckpointError(f'{path}: reading .safetensors files needs the safetensors package') from None
-    try:
-        with safe_open(path, framework='pt', device='cpu') as f:
-            meta = f.metadata() or {}
-            state_dict = {k: f.get_tensor(k) for k in f.keys()}
-        return {'state_dict': state_dict, 'arch': meta.get('model'),
-                'class_names': json.loads(meta['class_names']) if meta.get('class_names') else None,
-                'args': json.loads(meta['data_args']) if meta.get('data_args') else {}}
-    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, JSONDecodeError
-        raise CheckpointError(f'{path}: not a readable safetensors file ({type(e).__name__}: {e})') from None
-
+# The pure reader is models/_helpers.py (the model package reads weight files without this package); here its
+# errors become CheckpointError, which the CLIs print as one line.
 
 def read_checkpoint(path: str, trust: bool = False) -> Any:
     """Load a checkpoint file on the CPU without running code from it (unless `trust`), for every entry point.
@@ -351,51 +344,44 @@ def read_checkpoint(path: str, trust: bool = False) -> Any:
     Plain tensors and containers load, and so do the harmless types of SAFE_GLOBALS; anything else is refused
     with an error naming the type. Raises CheckpointError naming the file when it is missing or unreadable.
     """
-    if not os.path.isfile(path):
-        raise CheckpointError(f'checkpoint not found: {path}')
-    if path.endswith('.safetensors'):
-        return _read_safetensors(path)
     try:
-        if trust:
-            return torch.load(path, map_location='cpu', weights_only=False)
-        return _safe_torch_load(path)
-    except Exception as e:  # noqa: BLE001 - torch raises many types (UnpicklingError, RuntimeError, EOFError)
-        text = str(e)
-        if not trust and 'Weights only load failed' in text:
-            # Name the offending global (e.g. "GLOBAL io.open was not an allowed global") rather than torch's essay.
-            culprit = next((line.strip() for line in text.splitlines() if 'GLOBAL' in line), 'unsupported content')
-            raise CheckpointError(
-                f'{path}: refused to load: it needs full unpickling, which can run arbitrary code ({culprit[:200]}). '
-                f'If you trust the file, pass --trust-checkpoint.') from None
-        msg = text.splitlines()[0][:300] if text else type(e).__name__
-        raise CheckpointError(f'{path}: not a readable checkpoint ({type(e).__name__}: {msg})') from None
+        return read_weights_file(path, trust)
+    except WeightsFileError as e:
+        raise CheckpointError(str(e)) from None
 
 
-def model_state_dict(ckpt: Any, source: str = 'checkpoint', use_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """The model's weights in a checkpoint (or its EMA weights), unwrapped and without wrapper prefixes."""
-    if use_ema:
-        if not isinstance(ckpt, dict) or not isinstance(ckpt.get('state_dict_ema'), dict):
-            raise CheckpointError(f'{source}: --use-ema given but the checkpoint has no EMA weights (state_dict_ema)')
-        ckpt = ckpt['state_dict_ema']
+def model_state_dict(ckpt: Any, source: str = 'checkpoint', use_ema: Any = False) -> Dict[str, torch.Tensor]:
+    """The model's weights in a checkpoint without wrapper prefixes: `state_dict`; with use_ema=True its EMA
+    weights (an error without them); with use_ema='prefer' the EMA weights when it has them (pretrained files,
+    as timm reads them). The rule is models/_helpers.state_dict_of."""
+    ema = use_ema if isinstance(use_ema, str) else ('require' if use_ema else 'never')
     try:
-        return checkpoint_filter_fn(ckpt)
-    except ValueError as e:
-        raise CheckpointError(f'{source}: {e}') from None
+        return state_dict_of(ckpt, ema=ema, source=source)
+    except WeightsFileError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def checkpoint_meta(ckpt: Any) -> Dict[str, Any]:
     """What a checkpoint says about its model: arch, num_classes (from the head), class_names, training args.
-    Official files carry only weights: arch, class_names are then None and args {}."""
+
+    arch: the file's `arch` (ours, the reference's), else its training args' `model` (each only when it is a VAN
+    name), else the variant its weights' shapes match (the official files name no model); None for a file that
+    holds no VAN. Official files carry
+    no class names or args: class_names is then None and args {}.
+    """
     ckpt = ckpt if isinstance(ckpt, dict) else {}
     try:
-        head = checkpoint_filter_fn(ckpt).get('head.weight')
-    except ValueError:
-        head = None
+        state_dict = state_dict_of(ckpt)
+    except WeightsFileError:
+        state_dict = {}
+    head = state_dict.get('head.weight')
     args = ckpt.get('args') or {}
     if isinstance(args, argparse.Namespace):  # the reference's saver
         args = vars(args)
-    arch = ckpt.get('arch') if isinstance(ckpt.get('arch'), str) else None
-    return {'arch': arch or args.get('model'), 'num_classes': int(head.shape[0]) if head is not None else None,
+    # timm's saver writes the model's class name ('van') as arch when it has no args: take only VAN names.
+    named = [n for n in (ckpt.get('arch'), args.get('model')) if isinstance(n, str) and n in VAN_NAMES]
+    return {'arch': named[0] if named else infer_variant(state_dict),
+            'num_classes': int(head.shape[0]) if head is not None else None,
             'class_names': ckpt.get('class_names'), 'args': args}
 
 
@@ -432,5 +418,9 @@ def load_model_weights(model: torch.nn.Module, path: str, trust: bool = False, u
     """Load weights from any checkpoint this module reads into `model` (strict, checked; see
     load_state_dict_checked for `drop_head`). Returns the checkpoint dict ({} for a bare state dict)."""
     ckpt = read_checkpoint(path, trust) if checkpoint is None else checkpoint
+    held, ours = checkpoint_meta(ckpt)['arch'], getattr(model, 'pretrained_cfg', {}).get('architecture')
+    if held and ours and canonical_variant(held) != canonical_variant(ours):
+        raise CheckpointError(f'{path} holds {held}, not {ours}: pass --model {held} (or drop --model where the '
+                              f'checkpoint names it)')
     load_state_dict_checked(model, model_state_dict(ckpt, path, use_ema), source=path, drop_head=drop_head)
     return ckpt if isinstance(ckpt, dict) and ('state_dict' in ckpt or 'model' in ckpt) else {}

@@ -16,13 +16,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .errors import DeviceError  # one module for the error classes
+
 DEVICE_CHOICES = ('auto', 'cuda', 'npu', 'cpu')
 BACKENDS = {'cuda': 'nccl', 'npu': 'hccl', 'cpu': 'gloo'}
 AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
-
-
-class DeviceError(RuntimeError):
-    """The requested device cannot be used here; the message says why and what to do."""
 
 
 def import_torch_npu():
@@ -57,6 +55,19 @@ def resolve_device_type(requested: str) -> str:
             raise DeviceError('--device npu: torch_npu imported but sees no NPU (check ASCEND_RT_VISIBLE_DEVICES '
                               'and that CANN set_env.sh was sourced).')
     return requested
+
+
+def print_device_type(requested: str = 'auto') -> int:
+    """For the launch scripts (test/common.sh): print the device type resolve_device_type picks, so that the scripts
+    and the CLIs resolve 'auto' in one order; an unusable device prints one `error: ...` line on stderr.
+    Returns the exit status: 0, or 2 with the error."""
+    import sys
+    try:
+        print(resolve_device_type(requested))
+    except DeviceError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    return 0
 
 
 @dataclass
@@ -101,11 +112,33 @@ def setup_distributed(requested: str = 'auto', timeout_min: int = 30) -> DistEnv
         except ValueError as e:
             raise DeviceError(str(e)) from None
         set_cpu_threads()
+    hang = restart_hang_warning()
+    if hang and rank == 0:  # one line per job, before a rendezvous that may hang
+        logging.getLogger('vancls').warning(f'warning: {hang}')
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend, init_method='env://', rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(minutes=timeout_min))
     return DistEnv(device=device, rank=rank, local_rank=local_rank, world_size=world_size,
                    backend=backend if world_size > 1 else None)
+
+
+def restart_hang_warning() -> Optional[str]:
+    """The warning for a worker of `torchrun --max-restarts N` (N > 0) that shares the agent's rendezvous store, else
+    None. torchrun puts its settings in each worker's environment (TORCHELASTIC_MAX_RESTARTS,
+    TORCHELASTIC_USE_AGENT_STORE). Sharing is the default since torch 2.4: a restarted worker group can then read
+    the store keys of the group that died and wait on its dead addresses, silently (pytorch/pytorch#135712)."""
+    restarts = os.environ.get('TORCHELASTIC_MAX_RESTARTS', '')
+    if not restarts.isdigit() or int(restarts) == 0:
+        return None
+    if tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]) < (2, 4):
+        return None  # before 2.4 only the static rendezvous shares its store, keyed by attempt
+    if (os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True'
+            or os.environ.get('TORCH_DISABLE_SHARE_RDZV_TCP_STORE') == '1'):
+        return None
+    return (f'torchrun --max-restarts {restarts} with the rendezvous store shared between torchrun and the workers '
+            '(the default since torch 2.4): a restarted worker group can hang, with nothing printed '
+            '(pytorch/pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun so that each '
+            'attempt gets its own store (the launch scripts test/*.sh do)')
 
 
 def leave_together(env: 'DistEnv'):
@@ -193,21 +226,44 @@ def set_cpu_threads() -> Optional[int]:
     """torch.set_num_threads(cpu_threads()) unless OMP_NUM_THREADS is set; returns the count set, or None.
 
     torchrun sets OMP_NUM_THREADS=1 in each process when it starts more than one and the variable is unset; the
-    launch scripts (test/common.sh) set it to cpu_threads() for their torchrun runs instead.
+    launch scripts (test/common.sh) set it to cpu_threads() for their torchrun runs instead. A set value is
+    respected, with a warning when it oversubscribes the CPUs (oversubscription_warning).
     """
     if os.environ.get('OMP_NUM_THREADS'):
+        warning = oversubscription_warning()
+        if warning and int(os.environ.get('LOCAL_RANK', 0)) == 0:  # one line per node, not one per process
+            logging.getLogger('vancls').warning(f'warning: {warning}')
         return None
     n = cpu_threads()
     torch.set_num_threads(n)
     return n
 
 
+def oversubscription_warning() -> Optional[str]:
+    """The warning when OMP_NUM_THREADS x processes on this node exceeds the CPUs of the affinity mask, else None.
+
+    Each process then runs more threads than it has CPUs: the threads time-slice the same cores and every step
+    waits for the slowest of them, which makes a step many times slower.
+    """
+    value = os.environ.get('OMP_NUM_THREADS', '')
+    if not value.isdigit() or int(value) < 1:
+        return None  # unset (we pick the share), or a value the OpenMP runtime itself rejects
+    threads, procs, cpus = int(value), processes_per_node(), cpus_available()
+    if threads * procs <= cpus:
+        return None
+    share = cpus // procs
+    fix = (f'unset OMP_NUM_THREADS (each process then takes its share, {share} thread(s)) or set it to {share}'
+           if share >= 1 else f'start at most {cpus} processes on this node')
+    return (f'OMP_NUM_THREADS={threads} x {procs} process(es) on this node = {threads * procs} threads for '
+            f'{cpus} CPUs: they time-slice the same cores and every step waits for the slowest; {fix}')
+
+
 # --------------------------------------------------------------------------------------------- CPU allocator
 # PyTorch's CPU tensors come from plain malloc. glibc serves blocks above its mmap threshold (dynamic, at most
 # 32 MiB on 64-bit) with a fresh mmap and unmaps them on free, so each such tensor pays page faults and the
-# kernel's zeroing of every page, in every step. VAN's activations at 224 px are 25-200 MiB, so this slowed
-# training steps at 224 px markedly, for the reference and the fast paths alike (docs/PERFORMANCE.md, "Allocator
-# policy"). 'retain' serves every block from the heap and keeps what is freed (what
+# kernel's zeroing of every page, in every step. Most of VAN's activations at 224 px are above that threshold, so
+# this slowed training steps at 224 px markedly, for the reference and the fast paths alike (sizes and times:
+# docs/PERFORMANCE.md, "Allocator policy"). 'retain' serves every block from the heap and keeps what is freed (what
 # jemalloc/tcmalloc do, without a preload): RSS stays near the peak of a step, which a training or evaluation
 # process reaches on every step anyway.
 CPU_MALLOC_ENV = 'VANCLS_CPU_MALLOC'
@@ -268,7 +324,8 @@ def all_reduce_sum(values: list, env: DistEnv) -> list:
 
 
 # CPU features that give native bfloat16 arithmetic, as torch reports them (oneDNN uses them for convolutions and
-# matrix products): (name, torch.cpu function). torch.cpu has these checks since 2.1 and only for x86.
+# matrix products): (name, torch.cpu function). torch 2.1 has neither (native bfloat16 is then unknown: --amp alone
+# stays float32 on the CPU, --amp-dtype bfloat16 forces it); tests/test_device.py fails when a newer torch lacks them.
 _CPU_BF16_FEATURES = (('AMX', '_is_amx_tile_supported'), ('AVX512-BF16', '_is_avx512_bf16_supported'))
 
 
@@ -291,7 +348,9 @@ class Amp:
     apex:   NVIDIA/Ascend apex.amp O1 (patched functions + dynamic loss scale); only where apex is installed.
     `--amp` without a dtype on a CPU without native bfloat16 runs float32: there oneDNN emulates bfloat16
     convolutions and matrix products (converting around float32 arithmetic), which makes the step slower, not faster.
-    `precision` is what the run computes in: 'float32' | 'bfloat16' | 'float16'.
+    On a CPU with native bfloat16, the measured tables decide per job (`use_float32`, called by
+    builders.set_fast_path where bfloat16 is predicted slower). `precision` is what the run computes in:
+    'float32' | 'bfloat16' | 'float16'; `dtype_given`: whether --amp-dtype chose it.
     """
 
     def __init__(self, device: torch.device, enabled: bool = False, dtype: Optional[str] = None, impl: str = 'native'):
@@ -309,6 +368,7 @@ class Amp:
                               '(use --amp-dtype bfloat16)')
         self.device = device
         self.enabled = enabled
+        self.dtype_given = dtype is not None
         self.impl = impl if enabled else 'native'
         # float16 on accelerators (loss scaling needed), bfloat16 on the CPU (float16 CPU kernels are slow/partial).
         self.dtype_name = dtype or ('bfloat16' if device.type == 'cpu' else 'float16')
@@ -318,6 +378,12 @@ class Amp:
         use_scaler = enabled and self.impl == 'native' and self.dtype == torch.float16
         self.scaler = make_grad_scaler(device, use_scaler)
         self.skipped_steps = 0  # optimizer steps skipped by the scaler after an fp16 overflow
+
+    def use_float32(self, reason: str):
+        """Run float32 after all (before the first step): `--amp` without a dtype where bfloat16 is slower."""
+        logging.getLogger('vancls').info(f'--amp: float32: {reason} (--amp-dtype bfloat16 forces bfloat16)')
+        self.enabled, self.impl, self.precision = False, 'native', 'float32'
+        self.scaler = make_grad_scaler(self.device, False)
 
     def attach_apex(self, model, optimizer):
         """apex.amp.initialize(O1); call once after the optimizer exists. Returns (model, optimizer)."""

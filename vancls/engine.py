@@ -1,13 +1,14 @@
 """The train and eval loops.
 
 Throughput is measured as the port does: global images (batch x world size) over wall time, skipping the
-first `WARMUP_STEPS` steps of each epoch (compilation, allocator and loader warm-up).
+first `WARMUP_STEPS` steps of each epoch (compilation, allocator and loader warm-up). An epoch of no more steps
+than that is timed whole (and says so), so that a short run still reports a throughput.
 """
 import contextlib
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import InitVar, asdict, dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -15,13 +16,10 @@ import torch.distributed as dist
 
 from . import faults
 from .device import Amp, DistEnv, all_reduce_sum, synchronize
+from .errors import NonFiniteLossError  # one module for the error classes
 
 _logger = logging.getLogger('vancls')
 WARMUP_STEPS = 5
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names the epoch and step."""
 
 
 @dataclass
@@ -31,7 +29,8 @@ class EpochState:
     loss_count: int = 0
     timed_images: int = 0
     timed_seconds: float = 0.
-    data_seconds: float = 0.
+    # Accepted and dropped: recovery checkpoints written before it was removed (it was never reported) hold it.
+    data_seconds: InitVar[float] = 0.
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -110,6 +109,14 @@ def _collective_device(env: DistEnv) -> torch.device:
     return env.device if env.backend != 'gloo' else torch.device('cpu')
 
 
+def _throughput_window(step: int, start_step: int, timer_start: Optional[float], first_start: float):
+    """(optimizer steps timed, when their clock started, whether the warm-up is included): the steps after the
+    WARMUP_STEPS of this epoch, or all its steps when it has not run more than those."""
+    if timer_start is not None and step - start_step > WARMUP_STEPS:
+        return step - start_step - WARMUP_STEPS, timer_start, False
+    return step - start_step, first_start, True
+
+
 def _forward_backward(loop: TrainLoop, inputs, targets, last_micro: bool, num_updates: int):
     """One micro-batch: forward under autocast, loss, backward (gradient all-reduce only on the last micro-batch
     of an accumulation). Returns the (unscaled) loss."""
@@ -144,7 +151,7 @@ def train_one_epoch(loop: TrainLoop, epoch: int, start_step: int = 0, num_update
     loop.model.train()
     finite = _FiniteCheck(env, epoch, total_steps)
     loss_sum_dev = torch.zeros((), dtype=torch.float64, device=env.device)
-    loss_count, step, micro, global_batch, timer_start = 0, start_step, 0, None, None
+    loss_count, step, micro, global_batch, timer_start, first_start = 0, start_step, 0, None, None, None
     preempted = False
     t_data = time.perf_counter()
     loop.optimizer.zero_grad(set_to_none=True)
@@ -168,6 +175,8 @@ def train_one_epoch(loop: TrainLoop, epoch: int, start_step: int = 0, num_update
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         if global_batch is None:
             global_batch = inputs.shape[0] * env.world_size * loop.grad_accum_steps
+            synchronize(env.device)
+            first_start = time.perf_counter()  # the clock of an epoch too short to skip its warm-up
         micro += 1
         last_micro = micro % loop.grad_accum_steps == 0
         loss = _forward_backward(loop, inputs, targets, last_micro, num_updates)
@@ -179,7 +188,6 @@ def train_one_epoch(loop: TrainLoop, epoch: int, start_step: int = 0, num_update
             continue
         num_updates = _optimizer_step(loop, num_updates)
         step += 1
-        state.data_seconds += data_time
 
         # Throughput: start the clock after the warm-up steps of this epoch.
         if step - start_step == WARMUP_STEPS:
@@ -189,9 +197,8 @@ def train_one_epoch(loop: TrainLoop, epoch: int, start_step: int = 0, num_update
         if step % loop.log_interval == 0 or last_step:
             finite.check()
             synchronize(env.device)
-            fps = 0.
-            if timer_start is not None and step - start_step > WARMUP_STEPS:
-                fps = (step - start_step - WARMUP_STEPS) * global_batch / (time.perf_counter() - timer_start)
+            timed_steps, clock, _ = _throughput_window(step, start_step, timer_start, first_start)
+            fps = timed_steps * global_batch / (time.perf_counter() - clock)
             if env.is_main:
                 _logger.info(f'Train: {epoch} [{step:>4d}/{total_steps}] loss: {loss.item():.4f} '
                              f'lr: {loop.optimizer.param_groups[0]["lr"]:.3e} FPS: {fps:.2f} '
@@ -210,9 +217,13 @@ def train_one_epoch(loop: TrainLoop, epoch: int, start_step: int = 0, num_update
 
     finite.check()
     synchronize(env.device)
-    if timer_start is not None and step - start_step > WARMUP_STEPS:
-        state.timed_images += (step - start_step - WARMUP_STEPS) * global_batch
-        state.timed_seconds += time.perf_counter() - timer_start
+    if step > start_step:
+        timed_steps, clock, whole = _throughput_window(step, start_step, timer_start, first_start)
+        state.timed_images += timed_steps * global_batch
+        state.timed_seconds += time.perf_counter() - clock
+        if whole and env.is_main and not preempted:
+            _logger.info(f'Train: epoch {epoch} ran {timed_steps} steps, not more than the {WARMUP_STEPS} warm-up '
+                         f'steps that throughput skips: its FPS is over all of them (warm-up included)')
     flush_loss()
     loss_sum, loss_count_all = all_reduce_sum([state.loss_sum, state.loss_count], env)
     metrics = {
@@ -236,6 +247,7 @@ def evaluate(model, loader, env: DistEnv, amp: Amp, channels_last: bool = False,
             inputs, targets = inputs.to(env.device, non_blocking=True), targets.to(env.device, non_blocking=True)
         if channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
+        faults.during_eval()  # fault injection (VANCLS_FAULT=signal:eval=N): a signal while evaluating
         # Time the batches after the first WARMUP_STEPS; a set of fewer batches is timed whole.
         if i == 0 or i == WARMUP_STEPS:
             synchronize(env.device)

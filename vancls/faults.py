@@ -2,9 +2,10 @@
 
 VANCLS_FAULT holds one fault: `kill:update=N` (SIGKILL this process right after optimizer update N),
 `kill:save=N` (SIGKILL during the N-th checkpoint write, after the temporary file is written and before it
-replaces the real one), `signal:update=N` / `signal:save=N` (the same two points, but a catchable signal,
-`:sig=NAME` with NAME one of TERM (default), INT, USR1, ...: what a scheduler sends, at an exact position), or
-`nan:update=N` (make the loss of update N non-finite). Optional `:rank=R` limits it to one rank. With
+replaces the real one), `kill:eval=N` (SIGKILL before the N-th evaluation batch this process computes, counted
+over the evaluations of the run), `signal:update=N` / `signal:save=N` / `signal:eval=N` (the same points, but a
+catchable signal, `:sig=NAME` with NAME one of TERM (default), INT, USR1, ...: what a scheduler sends, at an
+exact position), or `nan:update=N` (make the loss of update N non-finite). Optional `:rank=R` limits it to one rank. With
 VANCLS_FAULT_ONCE=PATH the fault fires only if PATH does not exist, and creates it first (so a process restarted
 by torchrun does not fail again). Unset: every check is a dict lookup.
 """
@@ -12,6 +13,7 @@ import os
 import signal
 
 _saves = 0
+_eval_batches = 0
 
 
 def _parse():
@@ -20,9 +22,10 @@ def _parse():
         return None
     kind, _, rest = spec.partition(':')
     fields = dict(item.split('=', 1) for item in rest.split(':') if '=' in item)
-    if kind not in ('kill', 'signal', 'nan') or not ({'update', 'save'} & set(fields)):
-        raise ValueError(f'VANCLS_FAULT={spec!r}: expected kill:update=N, kill:save=N, signal:update=N, '
-                         f'signal:save=N [:sig=TERM|INT|USR1|...] or nan:update=N [:rank=R]')
+    if kind not in ('kill', 'signal', 'nan') or not ({'update', 'save', 'eval'} & set(fields)):
+        raise ValueError(f'VANCLS_FAULT={spec!r}: expected kill:update=N, kill:save=N, kill:eval=N, '
+                         f'signal:update=N, signal:save=N, signal:eval=N [:sig=TERM|INT|USR1|...] or nan:update=N '
+                         f'[:rank=R]')
     return kind, fields
 
 
@@ -66,3 +69,10 @@ def during_save():
     global _saves
     _saves += 1
     _send('save', _saves)
+
+
+def during_eval():
+    """Before each evaluation batch (the N-th of the process: a signal while the model evaluates)."""
+    global _eval_batches
+    _eval_batches += 1
+    _send('eval', _eval_batches)

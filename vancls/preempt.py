@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .config import UsageError
+from .errors import UsageError
 
 _logger = logging.getLogger('vancls')
 
@@ -48,6 +48,15 @@ def parse_signals(spec: Optional[str], flag: str = '--preempt-signals') -> tuple
         if sig not in found:
             found.append(sig)
     return tuple(found)
+
+
+def _write_stderr(text: str):
+    """os.write, not logging: the main thread may be inside a write to the same buffered stream, and a buffered
+    writer refuses a re-entrant call from a signal handler."""
+    try:
+        os.write(2, text.encode())
+    except OSError:
+        pass
 
 
 def exit_status(sig: signal.Signals) -> int:
@@ -94,6 +103,7 @@ class PreemptionHandler:
         self._previous = {}
         self._pid = os.getpid()
         self._group = None
+        self._farewell = None  # set by arm(): a signal now ends the process at once, with this line
 
     def __enter__(self):
         self.install()
@@ -134,21 +144,47 @@ class PreemptionHandler:
             return
         sig = signal.Signals(signum)
         rank = getattr(self.env, 'rank', 0) if self.env is not None else 0
+        if self.received is None and self.agreed is None and self._farewell is not None:
+            self._exit_at_once(sig, rank)
         if self.received is None and self.agreed is None:
             self.received, self.received_at = sig, time.monotonic()
             note = 'stopping after the current optimizer step to write a recovery checkpoint'
         else:
             self.ignored += 1
             note = 'ignored: already stopping (the checkpoint is written first)'
-        # os.write, not logging: the main thread may be inside a write to the same buffered stream, and a
-        # buffered writer refuses a re-entrant call from a signal handler.
-        try:
-            os.write(2, f'[rank {rank}] received {sig.name}: {note}\n'.encode())
-        except OSError:
-            pass
+        _write_stderr(f'[rank {rank}] received {sig.name}: {note}\n')
+
+    def arm(self, farewell, log_file: Optional[str] = None):
+        """Nothing has trained since the last checkpoint (or the start): a signal from now on ends the process at
+        once, with `farewell(signal)` (the line to log) on stdout and appended to `log_file`. Called at the start of
+        each epoch, after every rank has passed the epoch-end save's stop check (a collective), so that all ranks
+        are armed together; the first step boundary disarms it.
+
+        The handler exits itself (os._exit) instead of raising: an exception raised from a signal handler surfaces
+        wherever the main thread is, and inside a weakref callback or __del__ (torch.compile runs many) Python
+        prints and drops it, so the run would go on. With nothing to save there is nothing to unwind; the
+        interpreter's shutdown would only wait for torch.compile's workers to finish the compile in flight."""
+        self._farewell, self._log_file = farewell, log_file
+
+    def _exit_at_once(self, sig: signal.Signals, rank: int):
+        _write_stderr(f'[rank {rank}] received {sig.name}: nothing trained since the last checkpoint, exiting now\n')
+        if rank == 0:
+            line = self._farewell(sig)
+            try:
+                os.write(1, f'{line}\n'.encode())
+                if self._log_file:
+                    fd = os.open(self._log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                    try:  # the format of train.log's other lines (vancls/reports.setup_logging)
+                        os.write(fd, f'{time.strftime("%Y-%m-%d %H:%M:%S")},000 INFO {line}\n'.encode())
+                    finally:
+                        os.close(fd)
+            except OSError:
+                pass
+        os._exit(exit_status(sig))
 
     def should_stop(self) -> bool:
         """True when any rank has received one of the signals (one all_reduce of one int on distributed runs)."""
+        self._farewell = None  # a step has completed: a signal now waits for the step boundary
         if self.agreed is not None:
             return True
         if not self.signals:
@@ -171,11 +207,12 @@ class PreemptionHandler:
         if self.distributed:
             dist.barrier(group=self._group)
 
-    def describe(self, epoch: int, step: int, total_steps: int, num_updates: int, path: str) -> str:
+    def describe(self, epoch: int, step: int, total_steps: int, num_updates: int, path: str,
+                 command: str = '--resume auto') -> str:
         """The one log line of a preemption: signal, position, file, exit status."""
         after = (f' {time.monotonic() - self.received_at:.1f} s after the signal'
                  if self.received_at is not None else '')
         ignored = f'; {self.ignored} further signal(s) ignored' if self.ignored else ''
         return (f'Preempted by {self.agreed.name} at epoch {epoch}, step {step}/{total_steps} (update {num_updates}): '
                 f'checkpoint {path} written{after}{ignored}; '
-                f'exit status {self.exit_status}, continue with --resume auto')
+                f'exit status {self.exit_status}, continue with: {command}')

@@ -7,10 +7,10 @@ first in main(), maps each to what this port does, or raises UsageError (one lin
 instead). REFERENCE_OPTIONS is the table. Options both sides have are ours; README ("Coming from the reference or
 the port") lists where a default differs and why.
 
-The option-specific pieces that need a model, a loader or a report live here too: scheduler_options (lr noise,
-k-decay, patience for timm's scheduler factory), configure_batchnorm (--bn-tf/--bn-momentum/--bn-eps),
-eval_model (--torchscript, --valid-labels, --real-labels in validate.py), with_wandb (--log-wandb) and
-load_optimizer_state (a saved optimizer state under this run's kernel choice, for --resume).
+What the options then do lives with the concern it belongs to: the schedule options in
+builders.create_scheduler, --bn-tf/--bn-momentum/--bn-eps in builders.configure_batchnorm, --log-wandb in
+reports.with_wandb. Only validate.py's reference options that wrap the model (--torchscript, --valid-labels,
+--real-labels: eval_model) stay here.
 """
 import argparse
 import importlib.util
@@ -87,9 +87,8 @@ REFERENCE_OPTIONS: Tuple[RefOption, ...] = (
     _opt('--log-freq', VALIDATE, 'accepted, no effect: validate.py logs the totals once at the end', type=int,
          default=10),
     # ---- data
-    _opt('--dataset-download', BOTH, 'refused: only ImageFolder trees are read', accepted=(False,),
-         refusal='this port reads ImageFolder trees (and --dataset synthetic), no torchvision/TFDS data sets to '
-         'download; put the images under DATA_DIR/train/<class>/ and DATA_DIR/val/<class>/', **_FLAG),
+    _opt('--dataset-download', BOTH, 'download a torch/NAME or tfds/NAME (also hfids/) data set into DATA_DIR if it '
+         'is not there, as timm\'s train.py (no effect on folders, tars and wds/ shards)', **_FLAG),
     _opt('--real-labels', VALIDATE, 'ImageNet-ReaL: top-1/top-5 against this real.json (the validation images must '
          'be named ILSVRC2012_val_<8 digits>.JPEG); the usual accuracies move to original_top1/original_top5',
          default=''),
@@ -168,6 +167,15 @@ def add_reference_options(parser: argparse.ArgumentParser, script: str) -> argpa
 
 def _value(args, opt: RefOption):
     return getattr(args, opt.dest, opt.kwargs.get('default', False if opt.kwargs.get('action') else None))
+
+
+def reference_option(args, dest: str):
+    """args.dest for a reference option, or its default from REFERENCE_OPTIONS when this CLI's parser does not
+    declare it (the reference options' counterpart of config.option: each default is written once, in the table)."""
+    opt = next((o for o in REFERENCE_OPTIONS if o.dest == dest), None)
+    if opt is None:
+        raise KeyError(f'{dest} is not a reference option (vancls/reference_compat.REFERENCE_OPTIONS)')
+    return _value(args, opt)
 
 
 def apply_reference_options(args: argparse.Namespace, script: str) -> argparse.Namespace:
@@ -251,86 +259,6 @@ def _apply_validate(args):
     for flag, path in (('--real-labels', args.real_labels), ('--valid-labels', args.valid_labels)):
         if path and not os.path.isfile(path):
             raise UsageError(f'{flag} {path}: file not found')
-
-
-# ------------------------------------------------------------------------------------------------- train.py hooks
-
-def scheduler_options(args) -> Dict[str, Any]:
-    """Keyword arguments for timm's create_scheduler_v2 from the reference's schedule options that differ from
-    timm's behaviour without them (an empty dict for the reference recipe)."""
-    out: Dict[str, Any] = {}
-    if getattr(args, 'lr_noise', None) is not None:
-        noise = list(args.lr_noise)
-        out.update(noise=noise if len(noise) > 1 else noise[0], noise_pct=args.lr_noise_pct,
-                   noise_std=args.lr_noise_std, noise_seed=args.seed)
-    if getattr(args, 'lr_k_decay', 1.0) != 1.0:
-        out['k_decay'] = args.lr_k_decay
-    if getattr(args, 'patience_epochs', 10) != 10:
-        out['patience_epochs'] = args.patience_epochs
-    return out
-
-
-def configure_batchnorm(model: nn.Module, args) -> int:
-    """--bn-tf, then --bn-momentum / --bn-eps, on every BatchNorm of `model`; returns how many were changed."""
-    momentum, eps = (BN_TF_MOMENTUM, BN_TF_EPS) if getattr(args, 'bn_tf', False) else (None, None)
-    momentum = args.bn_momentum if getattr(args, 'bn_momentum', None) is not None else momentum
-    eps = args.bn_eps if getattr(args, 'bn_eps', None) is not None else eps
-    if momentum is None and eps is None:
-        return 0
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        if momentum is not None:
-            m.momentum = momentum
-        if eps is not None:
-            m.eps = eps
-    return len(norms)
-
-
-# The optimizer options that choose a kernel, not the math: they come from this run (--opt-impl), not the file.
-_KERNEL_KEYS = ('fused', 'foreach', 'capturable', 'differentiable')
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict[str, Any]):
-    """optimizer.load_state_dict(state), keeping this run's kernel choice (fused/foreach): a file from another
-    torch or another --opt-impl (the reference's, torch 1.x, has neither key) would otherwise replace it.
-    Set before loading, so that torch converts the step counters for that kernel (device, dtype)."""
-    groups = []
-    for ours, saved in zip(optimizer.param_groups, state.get('param_groups', [])):
-        saved = dict(saved)
-        saved.update({k: ours[k] for k in _KERNEL_KEYS if k in ours})
-        groups.append(saved)
-    if len(groups) == len(state.get('param_groups', [])):
-        state = dict(state, param_groups=groups)
-    optimizer.load_state_dict(state)
-
-
-class _WandbReport:
-    """A RunReport that also sends each epoch's row to a W&B run (--log-wandb); everything else is the report's."""
-
-    def __init__(self, report, wandb_run):
-        self._report, self._run = report, wandb_run
-
-    def add_epoch(self, row: Dict[str, Any]):
-        self._report.add_epoch(row)
-        self._run.log({k: v for k, v in row.items() if v is not None}, step=row.get('epoch'))
-
-    def close(self):
-        self._report.close()
-        self._run.finish()
-
-    def __getattr__(self, name):
-        return getattr(self._report, name)
-
-
-def with_wandb(report, args, out_dir: str):
-    """`report` itself, or with --log-wandb a wrapper logging every epoch to W&B (project: the experiment folder's
-    parent name, run name: the experiment; config: the arguments)."""
-    if not getattr(args, 'log_wandb', False):
-        return report
-    import wandb
-    run = wandb.init(project=os.path.basename(os.path.dirname(os.path.abspath(out_dir))) or 'van',
-                     name=os.path.basename(out_dir), config=vars(args), dir=out_dir)
-    return _WandbReport(report, run)
 
 
 # ---------------------------------------------------------------------------------------------- validate.py hooks

@@ -79,6 +79,12 @@ class RunReport:
             self.tb.flush()
         self.plot()
 
+    def restore_row(self, row: Dict[str, Any]):
+        """Add the row of a checkpoint's epoch if the table lacks it (written after the checkpoint: a stop between
+        the two left it out)."""
+        if all(int(r['epoch']) != int(row['epoch']) for r in self.rows):
+            self.add_epoch(row)
+
     def plot(self):
         """curves.png: train/eval loss, eval top-1 and learning rate per epoch."""
         try:
@@ -110,3 +116,33 @@ class RunReport:
     def close(self):
         if self.tb is not None:
             self.tb.close()
+
+
+class _WandbReport:
+    """A RunReport that also sends each epoch's row to a W&B run (--log-wandb); everything else is the report's."""
+
+    def __init__(self, report, wandb_run):
+        self._report, self._run = report, wandb_run
+
+    def add_epoch(self, row: Dict[str, Any]):
+        self._report.add_epoch(row)
+        self._run.log({k: v for k, v in row.items() if v is not None}, step=row.get('epoch'))
+
+    def close(self):
+        self._report.close()
+        self._run.finish()
+
+    def __getattr__(self, name):
+        return getattr(self._report, name)
+
+
+def with_wandb(report, args, out_dir: str):
+    """`report` itself, or with --log-wandb a wrapper logging every epoch to W&B (project: the experiment folder's
+    parent name, run name: the experiment; config: the arguments)."""
+    from .reference_compat import reference_option
+    if not reference_option(args, 'log_wandb'):
+        return report
+    import wandb
+    run = wandb.init(project=os.path.basename(os.path.dirname(os.path.abspath(out_dir))) or 'van',
+                     name=os.path.basename(out_dir), config=vars(args), dir=out_dir)
+    return _WandbReport(report, run)

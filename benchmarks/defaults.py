@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ('none', 'nhwc', 'nhwc_lka')
+CONFIGS = MODES + tuple(m + '+freeze' for m in MODES)  # the keys of STEP_COST's rows
 # (model, image size, batch, kind): van_b0 at three sizes gives the tables; van_b2 and van_b3 at 224 px show
 # whether costs per GFLOP carry over to larger models (smaller batches keep a round short on a 2-core machine).
 MEASURED: List[Tuple[str, int, int, str]] = [
@@ -69,7 +70,7 @@ JOBS = [
 def specs(kind: str) -> List[str]:
     if kind == 'train':
         return [m + amp for amp in ('', '+amp') for m in MODES]
-    return ['none'] + [m + '+fuse' + amp for amp in ('', '+amp') for m in MODES]
+    return ['none'] + [m + '+fuse' + freeze + amp for amp in ('', '+amp') for freeze in ('', '+freeze') for m in MODES]
 
 
 def _path(out: str, rnd: int, model: str, size: int, kind: str) -> str:
@@ -115,7 +116,8 @@ def _default_spec(job: Job, cached: bool) -> str:
                                               cached)) == 'float32':
         precision = 'float32'
     plan = plan_auto(_complete(job.model, job.kind, job.img_size, precision, batch, passes, cached))
-    return plan.mode + ('+fuse' if job.kind == 'infer' else '') + ('+amp' if precision == 'bfloat16' else '')
+    return (plan.mode + ('+fuse' if job.kind == 'infer' else '') + ('+freeze' if plan.freeze else '')
+            + ('+amp' if precision == 'bfloat16' else ''))
 
 
 def _job_seconds(row: dict, images: int) -> float:
@@ -178,14 +180,15 @@ def _model(name: str):
 def _complete(model_name: str, kind: str, size: int, precision: str, batch: int, passes=None, cached=None):
     """The FastPathJob the CLIs would build, completed by the model (GFLOPs per image, kernels, cache state)."""
     from models.fast_ops import FastPathJob
-    return _model(model_name).complete_job(FastPathJob('cpu', kind, passes, size, precision, batch,
-                                                       kernels_cached=cached))
+    return _model(model_name).complete_job(FastPathJob(
+        'cpu', kind, passes, size, precision, batch, kernels_cached=cached, can_freeze=kind == 'infer',
+        frozen_cached=MODES if cached else ()))
 
 
 def report_tables(reports) -> List[str]:
     """STEP_COST rows (van_b0) and COMPILE_COST, as models/fast_ops.py writes them."""
     costs: Dict[Tuple[str, str, int, str], List[float]] = {}
-    cold, warm = [], []
+    cold, warm, frozen_cold, frozen_warm = [], [], [], []
     for (rnd, model, size, kind), rep in reports.items():
         if model != 'van_b0':
             continue
@@ -193,24 +196,31 @@ def report_tables(reports) -> List[str]:
             if kind == 'infer' and '+fuse' not in spec:
                 continue
             mode = spec.split('+')[0]
+            config = mode + ('+freeze' if '+freeze' in spec else '')
             precision = 'bfloat16' if '+amp' in spec else 'float32'
             job = _complete(model, kind, size, precision, row['batch_size'])
-            costs.setdefault((kind, precision, size, mode), []).append(
+            costs.setdefault((kind, precision, size, config), []).append(
                 row['step_s_median'] / row['batch_size'] / job.gflops_per_image)
-            if mode == 'nhwc_lka' and row['compile_s'] is not None:
+            if config == 'nhwc_lka' and row['compile_s'] is not None:
                 (cold if rnd == 1 else warm).append(row['compile_s'] / job.num_kernels)
+            if config == 'none+freeze' and row['compile_s'] is not None:  # the frozen graph's compile alone
+                (frozen_cold if rnd == 1 else frozen_warm).append(row['compile_s'] / job.num_convs)
     lines = ['STEP_COST (seconds per image-GFLOP, median over rounds):']
     for kind in ('train', 'infer'):
         for precision in ('float32', 'bfloat16'):
             lines.append(f"    ('cpu', ISA, '{kind}', '{precision}'): {{")
             for size in sorted({k[2] for k in costs}):
                 cells = ', '.join(f"'{m}': {statistics.median(costs[(kind, precision, size, m)]):.5f}"
-                                  for m in MODES if (kind, precision, size, m) in costs)
+                                  for m in CONFIGS if (kind, precision, size, m) in costs)
                 lines.append(f'        {size}: {{{cells}}},')
             lines.append('    },')
     if cold or warm:
         lines.append(f'COMPILE_COST (seconds per kernel): cold {_span(cold, ".2f") if cold else "-"}, '
                      f'cached {_span(warm, ".2f") if warm else "-"}')
+    if frozen_cold or frozen_warm:
+        lines.append(f'FREEZE_COMPILE_COST (seconds per convolution, none+freeze): cold '
+                     f'{_span(frozen_cold, ".3f") if frozen_cold else "-"}, cached '
+                     f'{_span(frozen_warm, ".3f") if frozen_warm else "-"}')
     return lines
 
 

@@ -58,7 +58,8 @@ __all__ = [
     'POINTWISE_GEMM_MAX_PIXELS', 'JOB_KINDS', 'PRECISIONS', 'FastPathJob',
     'AutoPlan', 'fast_path_modes', 'check_fast_path', 'plan_auto', 'resolve_fast_path', 'faster_precision',
     'forward_gflops', 'lka_kernel_keys', 'kernels_cached', 'conv_kernel', 'run_conv', 'dw_plan',
-    'bn_affine', 'fold_affine_into_input', 'scale_output', 'compile_inference',
+    'bn_affine', 'fold_affine_into_input', 'scale_output', 'compile_inference', 'frozen_graph_key',
+    'FREEZE', 'FREEZE_COMPILE_COST',
 ]
 
 FAST_PATH_MODES: Tuple[str, ...] = ('none', 'nhwc', 'nhwc_lka', 'auto')
@@ -87,15 +88,22 @@ STEP_COST: Dict[Tuple[str, str, str, str], Dict[int, Dict[str, float]]] = {
         224: {'none': 0.05258, 'nhwc': 0.03953, 'nhwc_lka': 0.02566},
         384: {'none': 0.05537, 'nhwc': 0.03630, 'nhwc_lka': 0.02588},
     },
+    # infer rows: measured 2026-12-04 (this session's CPU, faster than the training rows' day), freeze included
     ('cpu', 'AVX512', 'infer', 'float32'): {
-        32: {'none': 0.04626, 'nhwc': 0.06442, 'nhwc_lka': 0.03192},
-        224: {'none': 0.01849, 'nhwc': 0.01240, 'nhwc_lka': 0.00983},
-        384: {'none': 0.01778, 'nhwc': 0.01131, 'nhwc_lka': 0.00981},
+        32: {'none': 0.02756, 'nhwc': 0.03466, 'nhwc_lka': 0.01416,
+             'none+freeze': 0.03465, 'nhwc+freeze': 0.03351, 'nhwc_lka+freeze': 0.01143},
+        224: {'none': 0.01003, 'nhwc': 0.00613, 'nhwc_lka': 0.00477,
+              'none+freeze': 0.00587, 'nhwc+freeze': 0.00572, 'nhwc_lka+freeze': 0.00455},
+        384: {'none': 0.00993, 'nhwc': 0.00547, 'nhwc_lka': 0.00461,
+              'none+freeze': 0.00516, 'nhwc+freeze': 0.00506, 'nhwc_lka+freeze': 0.00439},
     },
     ('cpu', 'AVX512', 'infer', 'bfloat16'): {
-        32: {'none': 0.06218, 'nhwc': 0.07188, 'nhwc_lka': 0.02910},
-        224: {'none': 0.01494, 'nhwc': 0.01119, 'nhwc_lka': 0.00793},
-        384: {'none': 0.01410, 'nhwc': 0.01028, 'nhwc_lka': 0.00806},
+        32: {'none': 0.02768, 'nhwc': 0.03358, 'nhwc_lka': 0.01271,
+             'none+freeze': 0.03367, 'nhwc+freeze': 0.03246, 'nhwc_lka+freeze': 0.01027},
+        224: {'none': 0.00909, 'nhwc': 0.00518, 'nhwc_lka': 0.00371,
+              'none+freeze': 0.00490, 'nhwc+freeze': 0.00491, 'nhwc_lka+freeze': 0.00352},
+        384: {'none': 0.00927, 'nhwc': 0.00482, 'nhwc_lka': 0.00368,
+              'none+freeze': 0.00432, 'nhwc+freeze': 0.00433, 'nhwc_lka+freeze': 0.00324},
     },
     ('cpu', 'AVX2', 'train', 'float32'): {
         32: {'none': 0.2046, 'nhwc': 0.2352, 'nhwc_lka': 0.1539},
@@ -109,6 +117,14 @@ STEP_COST: Dict[Tuple[str, str, str, str], Dict[int, Dict[str, float]]] = {
 # 32-384 px, median of the first process (cold) and of the two later ones (cached). AVX2: assumed the same.
 COMPILE_COST: Dict[Tuple[str, str], Tuple[float, float]] = {
     ('cpu', 'AVX512'): (3.27, 0.55), ('cpu', 'AVX2'): (3.27, 0.55),
+}
+# Inference with frozen weights: `compile_inference` (one whole-model torch.compile with Inductor's freezing) on
+# top of a mode. STEP_COST's 'infer' rows list it as '<mode>+freeze'; its compile costs FREEZE_COMPILE_COST seconds
+# per convolution of the model (the graph grows with the layers, not with the FLOPs): (cold, cached). Only for jobs
+# whose weights stay fixed while they run (FastPathJob.can_freeze: validate.py, predict.py), of known length.
+FREEZE = '+freeze'
+FREEZE_COMPILE_COST: Dict[Tuple[str, str], Tuple[float, float]] = {
+    ('cpu', 'AVX512'): (0.140, 0.028),  # van_b0 (108 convolutions): 15 s cold, 3 s cached
 }
 # Modes that compile kernels on first use; a run of unknown length never picks them.
 _COMPILING_MODES = ('nhwc_lka',)
@@ -129,9 +145,11 @@ class FastPathJob:
     device_type: 'cpu', 'cuda', 'npu', 'meta', ... (torch.device.type); kind: 'train' or 'infer';
     forward_passes: the planned forward passes of the whole run (None: unknown); img_size: input height = width in
     px (None: the model's default); precision: the autocast dtype's name, or 'float32'; batch_size: images per
-    forward pass (None: 32). Filled in by the model (VAN.set_fast_path) when None: gflops_per_image, its forward
-    GFLOPs at img_size (`forward_gflops`), and kernels_cached, whether nhwc_lka's kernels for this job are in
-    Inductor's disk cache (`kernels_cached`; None: taken as cold).
+    forward pass (None: 32); can_freeze: whether the caller can run the model compiled with frozen weights
+    (inference whose weights stay fixed: validate.py, predict.py). Filled in by the model (VAN.complete_job):
+    gflops_per_image, its forward GFLOPs at img_size (`forward_gflops`); kernels_cached, whether nhwc_lka's kernels
+    for this job are in Inductor's disk cache (`kernels_cached`; None: taken as cold); num_kernels, num_convs and
+    frozen_cached, the modes whose frozen graph for this job was compiled before (`frozen_graph_key`).
     """
     device_type: str
     kind: str = 'train'
@@ -142,6 +160,9 @@ class FastPathJob:
     gflops_per_image: Optional[float] = None
     kernels_cached: Optional[bool] = None
     num_kernels: Optional[int] = None  # nhwc_lka's compiled kernels for this job (the model counts them)
+    can_freeze: bool = False  # the caller compiles with frozen weights if the plan says so (compile_inference)
+    num_convs: Optional[int] = None  # the model's convolutions (what a frozen compile's cost scales with)
+    frozen_cached: Optional[Tuple[str, ...]] = None  # modes whose frozen graph for this job is in Inductor's cache
 
     def __post_init__(self):
         if self.kind not in JOB_KINDS:
@@ -186,25 +207,34 @@ def _step_costs(job: FastPathJob) -> Optional[Dict[str, float]]:
 
 @dataclasses.dataclass(frozen=True)
 class AutoPlan:
-    """What 'auto' chose for a job and why: `seconds` is each candidate mode's predicted time for the whole job
-    (per forward pass when its length is unknown), compile included; `cached` whether nhwc_lka's kernels were found
+    """What 'auto' chose for a job and why: `seconds` is each candidate configuration's predicted time for the whole
+    job (per forward pass when its length is unknown), compiles included, keyed by mode or '<mode>+freeze'; `freeze`:
+    run the model compiled with frozen weights (`compile_inference`); `cached` whether nhwc_lka's kernels were found
     in Inductor's cache."""
     mode: str
     seconds: Dict[str, float]
     cached: bool
     per_pass: bool
+    freeze: bool = False
+
+    @property
+    def config(self) -> str:
+        return self.mode + (FREEZE if self.freeze else '')
 
     def describe(self) -> str:
         if not self.seconds:
             return 'not measured for this device/precision: the reference execution'
         unit = 'per forward pass' if self.per_pass else 'predicted'
-        others = ', '.join(f'{m} {_duration(t)}' for m, t in sorted(self.seconds.items(), key=lambda kv: kv[1])
-                           if m != self.mode)
-        line = f'{unit} {_duration(self.seconds[self.mode])}' + (f' (vs {others})' if others else '')
-        if 'none' in self.seconds and self.mode != 'none':
-            line += f', saves {_duration(self.seconds["none"] - self.seconds[self.mode])} on none'
+        chosen = self.seconds[self.config]
+        others = ', '.join(f'{c} {_duration(t)}' for c, t in sorted(self.seconds.items(), key=lambda kv: kv[1])
+                           if c != self.config)
+        line = f'{unit} {_duration(chosen)}' + (f' (vs {others})' if others else '')
+        if 'none' in self.seconds and self.config != 'none':
+            line += f', saves {_duration(self.seconds["none"] - chosen)} on none'
         if self.mode in _COMPILING_MODES:
             line += ', kernels ' + ('from the compile cache' if self.cached else 'compiled cold, then cached')
+        if self.freeze:
+            line += '; weights frozen into one compiled graph (--no-compile: eager)'
         return line
 
 
@@ -221,8 +251,9 @@ def _duration(seconds: float) -> str:
 
 
 def plan_auto(job: FastPathJob) -> AutoPlan:
-    """The mode 'auto' runs for `job`: the shortest predicted time, compile included; ties go to the simpler mode.
-    The one place where 'auto' is decided (the model, every CLI and benchmark.py come here)."""
+    """The configuration 'auto' runs for `job`: the shortest predicted time, compiles included; ties go to the
+    simpler mode, then to no freezing. The one place where 'auto' is decided (the model, every CLI and benchmark.py
+    come here)."""
     costs = _step_costs(job) if FAST_PATHS_AVAILABLE else None
     cached = bool(job.kernels_cached)
     if not costs:
@@ -230,19 +261,23 @@ def plan_auto(job: FastPathJob) -> AutoPlan:
     images_per_pass = job.batch_size or _DEFAULT_BATCH
     gflops = job.gflops_per_image or 1.0
     seconds = {}
-    for mode in ('none', 'nhwc', 'nhwc_lka'):
-        if mode not in costs:
+    for config, cost in costs.items():
+        mode, freeze = config.replace(FREEZE, ''), config.endswith(FREEZE)
+        if freeze and not (job.can_freeze and job.forward_passes is not None):
             continue
         if job.forward_passes is None:
             if mode not in _COMPILING_MODES:
-                seconds[mode] = images_per_pass * gflops * costs[mode]
+                seconds[config] = images_per_pass * gflops * cost
             continue
-        seconds[mode] = job.forward_passes * images_per_pass * gflops * costs[mode]
+        seconds[config] = job.forward_passes * images_per_pass * gflops * cost
         if mode in _COMPILING_MODES:
             cold, warm = COMPILE_COST.get((job.device_type, _isa(job)), (math.inf, math.inf))
-            seconds[mode] += (job.num_kernels or 0) * (warm if cached else cold)
-    best = min(seconds, key=lambda m: (seconds[m], FAST_PATH_MODES.index(m)))
-    return AutoPlan(best, seconds, cached, job.forward_passes is None)
+            seconds[config] += (job.num_kernels or 0) * (warm if cached else cold)
+        if freeze:
+            cold, warm = FREEZE_COMPILE_COST.get((job.device_type, _isa(job)), (math.inf, math.inf))
+            seconds[config] += (job.num_convs or 0) * (warm if mode in (job.frozen_cached or ()) else cold)
+    best = min(seconds, key=lambda c: (seconds[c], FAST_PATH_MODES.index(c.replace(FREEZE, '')), c.endswith(FREEZE)))
+    return AutoPlan(best.replace(FREEZE, ''), seconds, cached, job.forward_passes is None, best.endswith(FREEZE))
 
 
 def resolve_fast_path(mode: str, job: FastPathJob) -> str:
@@ -262,7 +297,7 @@ def faster_precision(job: FastPathJob, mode: str = 'auto') -> Optional[str]:
 
     def best(j):
         plan = plan_auto(j)
-        return plan.seconds[plan.mode] if mode == 'auto' else plan.seconds.get(mode, math.inf)
+        return plan.seconds[plan.config] if mode == 'auto' else plan.seconds.get(mode, math.inf)
     return 'bfloat16' if best(job) < best(fp32) else 'float32'
 
 
@@ -654,7 +689,17 @@ def scale_output(conv: nn.Conv2d, scale: torch.Tensor, shift: Optional[torch.Ten
 
 # ----------------------------------------------------------------------------------------------------------------
 
-def compile_inference(model: nn.Module, device_type: str) -> nn.Module:
+def frozen_graph_key(conv_sizes, num_classes: int, batch_size: int, dtype: torch.dtype, mode: str) -> tuple:
+    """What identifies the graph `compile_inference` freezes, as far as Inductor's generated code goes (the weights'
+    values aside): every convolution's shape and output side (`conv_sizes`: [(conv, side in px)]), the classes,
+    the batch, the dtype and the mode. `kernels_cached([key])` says whether it was compiled before."""
+    convs = tuple((c.in_channels, c.out_channels, c.kernel_size, c.stride, c.dilation, c.groups, side)
+                  for c, side in conv_sizes)
+    return ('frozen', convs, num_classes, batch_size, str(dtype), mode)
+
+
+def compile_inference(model: nn.Module, device_type: str, batch_size: Optional[int] = None,
+                      cache_key: Optional[tuple] = None) -> nn.Module:
     """torch.compile for inference with frozen weights: Inductor's freezing on CPU, plain compile elsewhere.
 
     Freezing bakes the current parameter values into the compiled graph (constant folding, oneDNN weight
@@ -662,5 +707,32 @@ def compile_inference(model: nn.Module, device_type: str) -> nn.Module:
     inference_mode() (with grad enabled Inductor compiles a training graph, without freezing). Not for the
     per-epoch evaluation during training, where the (EMA) weights change between calls. On CUDA freezing is
     not measured here, so it is left off there.
+
+    batch_size: the graph is compiled for that batch only (static shapes); other batches (a data set's last,
+    smaller one) run `model` eagerly instead of compiling a second graph for a handful of images. cache_key
+    (`frozen_graph_key`): marked as compiled in Inductor's cache after the first compiled call, for `plan_auto`.
     """
-    return torch.compile(model, options={'freezing': True} if device_type == 'cpu' else None)
+    compiled = torch.compile(model, options={'freezing': True} if device_type == 'cpu' else None,
+                             dynamic=False if batch_size else None)
+    if not batch_size:
+        return compiled
+    return _CompiledForBatch(model, compiled, batch_size, cache_key)
+
+
+class _CompiledForBatch(nn.Module):
+    """`model` with batches of `batch_size` images going through `compiled` (compile_inference)."""
+
+    def __init__(self, model: nn.Module, compiled: Callable, batch_size: int, cache_key: Optional[tuple]):
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, 'compiled', compiled)  # not a submodule: its parameters are model's
+        self.batch_size, self.cache_key = batch_size, cache_key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != self.batch_size:
+            return self.model(x)
+        out = self.compiled(x)
+        if self.cache_key is not None:
+            _mark_compiled(self.cache_key)
+            self.cache_key = None
+        return out

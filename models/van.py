@@ -397,9 +397,22 @@ class VAN(nn.Module):
         sizes = self.conv_output_sizes(job.img_size or self.img_size)
         dtype = getattr(torch, job.precision) if job.precision != 'float32' else next(self.parameters()).dtype
         keys = fast_ops.lka_kernel_keys(sizes, job.batch_size or 32, dtype, job.kind == 'train')
+        frozen = job.frozen_cached
+        if job.can_freeze and frozen is None:
+            frozen = tuple(m for m in ('none', 'nhwc', 'nhwc_lka') if fast_ops.kernels_cached(
+                [fast_ops.frozen_graph_key(sizes, self.num_classes, job.batch_size or 32, dtype, m)]))
         return dataclasses.replace(
             job, gflops_per_image=job.gflops_per_image or fast_ops.forward_gflops(sizes), num_kernels=len(keys),
-            kernels_cached=fast_ops.kernels_cached(keys) if job.kernels_cached is None else job.kernels_cached)
+            kernels_cached=fast_ops.kernels_cached(keys) if job.kernels_cached is None else job.kernels_cached,
+            num_convs=len(sizes), frozen_cached=frozen)
+
+    @torch.jit.ignore
+    def frozen_graph_key(self, img_size: int, batch_size: int, precision: str = 'float32') -> tuple:
+        """The cache key of this model's frozen whole-model graph (`fast_ops.compile_inference`) in its current
+        mode, for batches of `batch_size` images of `img_size` px in `precision`."""
+        dtype = getattr(torch, precision) if precision != 'float32' else next(self.parameters()).dtype
+        return fast_ops.frozen_graph_key(self.conv_output_sizes(img_size), self.num_classes, batch_size, dtype,
+                                         self.fast_path)
 
     @torch.jit.ignore
     def auto_plan(self) -> Optional[fast_ops.AutoPlan]:

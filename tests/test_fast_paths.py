@@ -151,7 +151,8 @@ def test_kernels_per_mode():
 _TABLE = {('cpu', 'TEST', 'train', 'float32'): {224: {'none': 0.04, 'nhwc': 0.04 / 1.5, 'nhwc_lka': 0.02}},
           ('cpu', 'TEST', 'train', 'bfloat16'): {224: {'none': 0.05, 'nhwc': 0.04, 'nhwc_lka': 0.01}},
           ('cpu', 'TEST', 'infer', 'float32'): {32: {'none': 0.04, 'nhwc': 0.05, 'nhwc_lka': 0.05},
-                                                224: {'none': 0.02, 'nhwc': 0.01, 'nhwc_lka': 0.005}}}
+                                                224: {'none': 0.02, 'nhwc': 0.01, 'nhwc_lka': 0.005,
+                                                      'nhwc_lka+freeze': 0.004}}}
 
 
 @pytest.fixture
@@ -159,6 +160,7 @@ def test_tables(monkeypatch):
     monkeypatch.setattr(fast_ops, '_cpu_isa', lambda: 'TEST')
     monkeypatch.setattr(fast_ops, 'STEP_COST', _TABLE)
     monkeypatch.setattr(fast_ops, 'COMPILE_COST', {('cpu', 'TEST'): (10.0, 1.0)})
+    monkeypatch.setattr(fast_ops, 'FREEZE_COMPILE_COST', {('cpu', 'TEST'): (1.0, 0.1)})
 
 
 def _job(passes, cached=False, kind='train', img_size=224, precision='float32'):
@@ -188,6 +190,25 @@ def test_auto_minimizes_the_predicted_time(test_tables):
     assert resolve_fast_path('nhwc', FastPathJob('npu')) == 'nhwc'  # explicit modes are what they say
     with pytest.raises(ValueError, match='job kind .eval.: accepted values are train, infer'):
         FastPathJob('cpu', 'eval')
+
+
+def test_auto_freezes_long_inference_only(test_tables):
+    """The frozen whole-model compile is a candidate only for inference jobs whose caller can freeze (validate.py,
+    predict.py) and of known length; it wins when its compile (per convolution, cold or cached) is paid back."""
+    def infer(passes, can_freeze=True, frozen_cached=None):
+        return dataclasses.replace(_job(passes, cached=True, kind='infer'), can_freeze=can_freeze, num_convs=100,
+                                   frozen_cached=frozen_cached)
+    # per pass: nhwc_lka 0.16 s, nhwc_lka+freeze 0.128 s; kernels cached 12 s; frozen graph 100 s cold, 10 s cached
+    plan = fast_ops.plan_auto(infer(10 ** 4))
+    assert (plan.mode, plan.freeze, plan.config) == ('nhwc_lka', True, 'nhwc_lka+freeze')
+    assert plan.seconds['nhwc_lka+freeze'] == pytest.approx(10 ** 4 * 0.128 + 12 + 100)
+    assert 'frozen' in plan.describe() and '--no-compile' in plan.describe()
+    assert not fast_ops.plan_auto(infer(3000)).freeze  # 100 s cold pays back after 3125 passes
+    assert fast_ops.plan_auto(infer(3000, frozen_cached=('nhwc_lka',))).freeze  # 10 s cached: after 313
+    assert not fast_ops.plan_auto(infer(3000, frozen_cached=('none',))).freeze  # another mode's graph
+    assert not fast_ops.plan_auto(infer(10 ** 4, can_freeze=False)).freeze  # train.py's evaluation, --no-compile
+    assert not fast_ops.plan_auto(infer(None)).freeze  # unknown length: never compiles
+    assert fast_ops.resolve_fast_path('auto', infer(10 ** 4)) == 'nhwc_lka'
 
 
 def test_faster_precision_from_the_tables(test_tables):
@@ -282,11 +303,13 @@ def test_every_caller_of_auto_picks_the_same_mode(monkeypatch, isa, steps, img_s
     from vancls.builders import set_fast_path
     monkeypatch.setattr(fast_ops, '_cpu_isa', lambda: isa)
     for kind in fast_ops.JOB_KINDS:
-        job = FastPathJob('cpu', kind, steps, img_size, batch_size=32)
-        expected = fast_ops.plan_auto(_tiny_van().complete_job(job)).mode
+        # inference as validate.py / predict.py run it: free to freeze the weights into a compiled graph
+        job = FastPathJob('cpu', kind, steps, img_size, batch_size=32, can_freeze=kind == 'infer')
+        plan = fast_ops.plan_auto(_tiny_van().complete_job(job))
+        expected = plan.mode
         cli = _tiny_van()
-        set_fast_path(cli, 'auto', steps, img_size, kind=kind, batch_size=32)
-        assert cli.fast_path == expected
+        set_fast_path(cli, 'auto', steps, img_size, kind=kind, batch_size=32, can_freeze=kind == 'infer')
+        assert cli.fast_path == expected and cli.auto_plan().config == plan.config
         assert _tiny_van().set_fast_path('auto', job).fast_path == expected
         if steps is None:  # a model alone knows no run length and no size
             if kind == 'train':
@@ -296,7 +319,7 @@ def test_every_caller_of_auto_picks_the_same_mode(monkeypatch, isa, steps, img_s
                 '-b', '32']
         args = benchmark.build_parser().parse_args(argv)
         runner = benchmark.Runner(benchmark.parse_spec('auto'), cli, args, torch.device('cpu'), kind == 'train')
-        assert runner.kernels == expected
+        assert runner.kernels == plan.config and runner.freeze == plan.freeze
 
 
 def test_auto_model_decides_again_on_another_device(monkeypatch):
@@ -591,3 +614,30 @@ def test_compile_inference_frozen(tiny_batch, monkeypatch):
         compiled = fast_ops.compile_inference(fused, 'cpu')
         _close(compiled(x), plain, 1e-5, 'compile_inference(fused) logits')
         _close(compiled(x + 1), m.set_fast_path('none')(x + 1), 1e-5, 'second call, new values')
+
+
+def test_compile_inference_for_one_batch_size(tiny_batch, tmp_path, monkeypatch):
+    """What validate.py / predict.py run when auto freezes: the graph is compiled for --batch-size only (a smaller
+    last batch runs the model eagerly, with no second compile), and the job's graph is marked as compiled in
+    Inductor's cache, so that the next run's plan counts it cached."""
+    import torch._dynamo
+    from models import fast_ops
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path / 'inductor'))
+    x, _ = tiny_batch
+    torch.manual_seed(0)
+    m = VAN(num_classes=5, embed_dims=(8,), mlp_ratios=(2,), depths=(2,), num_stages=1, img_size=32).eval()
+    _randomize_norms(m)
+    job = FastPathJob('cpu', 'infer', 10, 32, 'float32', 2, can_freeze=True)
+    assert m.complete_job(job).frozen_cached == ()
+    with torch.no_grad():
+        plain = m(x)
+        fused = m.set_fast_path('nhwc').fuse()
+        key = fused.frozen_graph_key(32, 2)
+        assert key == m.frozen_graph_key(32, 2) and key != m.set_fast_path('none').frozen_graph_key(32, 2)
+        wrapped = fast_ops.compile_inference(fused, 'cpu', batch_size=2, cache_key=key)
+        _close(wrapped(x), plain, 1e-5, 'frozen graph, batch 2')
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            _close(wrapped(x[:1]), plain[:1], 1e-5, 'last batch of 1, eager')
+            _close(wrapped(x * 2), m(x * 2), 1e-5, 'batch 2 again, new values')
+    assert m.complete_job(job).frozen_cached == ('nhwc',)
+    assert len(wrapped.state_dict()) == len(fused.state_dict())  # the compiled module is not a second copy

@@ -136,6 +136,31 @@ def test_validate_fuses_by_default_with_the_same_accuracy(trained, caplog):
         assert fused['loss'] == pytest.approx(plain['loss'], abs=1e-4)
 
 
+def test_validate_freezes_where_auto_plans_it(trained, monkeypatch, capfd):
+    """Where auto predicts that compiling with frozen weights pays for itself (here: tables where it is free and
+    twice as fast), validate.py compiles the fused model for --batch-size (the last, smaller batch runs eagerly) and
+    says so; the accuracy is the same. --no-compile keeps it eager whatever the plan."""
+    from models import fast_ops
+    monkeypatch.setattr(fast_ops, '_cpu_isa', lambda: 'AVX512')
+    monkeypatch.setattr(fast_ops, 'STEP_COST', {('cpu', 'AVX512', 'infer', 'float32'):
+                                                {32: {'none': 0.02, 'none+freeze': 0.01}}})
+    monkeypatch.setattr(fast_ops, 'FREEZE_COMPILE_COST', {('cpu', 'AVX512'): (0.0, 0.0)})
+    compiled = []
+    real = fast_ops.compile_inference
+    monkeypatch.setattr(fast_ops, 'compile_inference', lambda *a, **kw: compiled.append(kw) or real(*a, **kw))
+    common = [trained['data'], '--checkpoint', trained['last'], '--img-size', '32', '--workers', '0',
+              '--device', 'cpu', '-b', '128']
+    eager = validate.main(parse_with_config(validate.get_args_parser(), common + ['--no-compile']))
+    assert compiled == []
+    capfd.readouterr()
+    frozen = validate.main(parse_with_config(validate.get_args_parser(), common))
+    assert [kw['batch_size'] for kw in compiled] == [128] and compiled[0]['cache_key'][-1] == 'none'
+    log = ''.join(capfd.readouterr())
+    assert 'fast path auto: none' in log and 'weights frozen into one compiled graph' in log, log[-2000:]
+    assert frozen['num_images'] == eager['num_images'] == 359  # 2 compiled batches of 128, the last 103 eager
+    assert frozen['top1'] == eager['top1'] and frozen['loss'] == pytest.approx(eager['loss'], abs=1e-4)
+
+
 # ------------------------------------------------------------------------------------------- fused model
 
 def _randomized(name, num_classes=10, seed=0):

@@ -220,7 +220,7 @@ def fast_path_job(args, device: torch.device, train: bool, amp: bool):
     """The job 'auto' is decided for: this device, --img-size, the run of `run_steps`, the autocast dtype or fp32."""
     from models.fast_ops import FastPathJob
     return FastPathJob(device.type, 'train' if train else 'infer', run_steps(args, train), args.img_size,
-                       args.amp_dtype if amp else 'float32', args.batch_size)
+                       args.amp_dtype if amp else 'float32', args.batch_size, can_freeze=not train)
 
 
 class Runner:
@@ -235,6 +235,10 @@ class Runner:
         if hasattr(model, 'set_fast_path'):  # 'auto' decided as the CLIs decide it (models/fast_ops.plan_auto)
             job = fast_path_job(args, device, train, self.amp)
             self.kernels = model.set_fast_path(spec['fast_path'], job).fast_path
+            plan = model.auto_plan()
+            if plan is not None and plan.freeze:  # inference: auto also decides the frozen compile, as the CLIs
+                opts = opts | {'freeze'}
+                self.kernels += '+freeze'
         elif spec['fast_path'] != 'none':
             raise ValueError(f'{args.model} has no fast paths (set_fast_path)')
         else:
@@ -268,10 +272,10 @@ class Runner:
         self.freeze = 'freeze' in opts and not train
         self.compile_requested = 'compile' in opts or args.compile or self.freeze
         # modes that compile kernels on first use (see models/fast_ops.py)
-        self.compiles = self.compile_requested or self.kernels == 'nhwc_lka'
+        self.compiles = self.compile_requested or self.kernels.startswith('nhwc_lka')
         if self.freeze:
             from models.fast_ops import compile_inference
-            self.fn = compile_inference(model, device.type)
+            self.fn = compile_inference(model, device.type, batch_size=args.batch_size)
         elif self.compile_requested:
             self.fn = torch.compile(model)
         self.times: List[float] = []

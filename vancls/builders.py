@@ -352,13 +352,21 @@ def prepare_inference(model: nn.Module, args, device: torch.device, forward_pass
     (--fuse), memory layout, compiling. The one place the inference CLIs do this."""
     from models.fast_ops import compile_inference
     model.to(device).eval()
+    # --compile / --no-compile decide; by default (None) the auto plan does (not with --torchscript, which scripts
+    # the model itself)
+    compile_flag = option(args, 'compile')
+    if compile_flag is None and getattr(args, 'torchscript', False):
+        compile_flag = False
     _logger.info(set_fast_path(model, args.fast_path, forward_passes, img_size, kind='infer', amp=amp,
-                               batch_size=args.batch_size))
+                               batch_size=args.batch_size, can_freeze=compile_flag is None))
+    plan = model.auto_plan() if hasattr(model, 'auto_plan') else None
     model = inference_model(model, option(args, 'fuse'))
     if option(args, 'channels_last'):
         model.to(memory_format=torch.channels_last)
-    if option(args, 'compile'):
-        model = compile_inference(model, device.type)
+    if compile_flag or (compile_flag is None and plan is not None and plan.freeze):
+        key = model.frozen_graph_key(img_size, args.batch_size, amp.precision) \
+            if hasattr(model, 'frozen_graph_key') else None
+        model = compile_inference(model, device.type, batch_size=args.batch_size, cache_key=key)
     return model
 
 
@@ -369,16 +377,18 @@ def inference_model(model: nn.Module, fuse: bool) -> nn.Module:
 
 
 def set_fast_path(model: nn.Module, mode: str, steps: Optional[int] = None, img_size: Optional[int] = None,
-                  kind: str = 'train', amp=None, batch_size: Optional[int] = None) -> str:
+                  kind: str = 'train', amp=None, batch_size: Optional[int] = None, can_freeze: bool = False) -> str:
     """--fast-path (and, for `--amp` without a dtype on the CPU, the precision) for every CLI; returns a line saying
     what runs and why. 'auto' is decided by the one planner (models/fast_ops.plan_auto) for this job: `steps`
     planned forward passes of `batch_size` images of `img_size` px (None: unknown), `kind` 'train' or 'infer', in
-    the precision of `amp` (vancls.device.Amp; None: float32)."""
+    the precision of `amp` (vancls.device.Amp; None: float32); `can_freeze`: the caller compiles the model with
+    frozen weights if the plan says so (prepare_inference)."""
     from models.fast_ops import FastPathJob, faster_precision
     if not hasattr(model, 'set_fast_path'):
         return f'fast path: {type(model).__name__} has none'
     device = next(model.parameters()).device.type
-    job = FastPathJob(device, kind, steps, img_size, amp.precision if amp is not None else 'float32', batch_size)
+    job = FastPathJob(device, kind, steps, img_size, amp.precision if amp is not None else 'float32', batch_size,
+                      can_freeze=can_freeze)
     bf16_by_default = amp is not None and amp.enabled and amp.impl == 'native' and not amp.dtype_given \
         and job.precision == 'bfloat16'
     if bf16_by_default and faster_precision(model.complete_job(job), mode) == 'float32':

@@ -29,7 +29,7 @@ DEFAULTS = {
     'model': None, 'pretrained': False, 'pretrained_path': '', 'num_classes': None, 'in_chans': None,
     'trust_checkpoint': False, 'drop': 0.0, 'drop_path': 0.1, 'head_init_scale': None,
     # speed
-    'fast_path': 'auto', 'fuse': True, 'compile': False,
+    'fast_path': 'auto', 'fuse': True, 'compile': None,
     # input
     'img_size': None, 'input_size': None, 'crop_pct': None, 'mean': None, 'std': None, 'interpolation': '',
     'class_map': '', 'batch_size': 128,
@@ -85,7 +85,11 @@ def _speed(g):
                         'into the convolutions (VAN.fuse(): same logits within float rounding, fewer ops); '
                         '--no-fuse runs the trained modules as they are (with --fast-path none: the reference\'s '
                         'execution exactly)')
-    g.add_argument('--compile', action='store_true', help='torch.compile the model')
+    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=DEFAULTS['compile'],
+                   help='torch.compile the model (validate.py, predict.py: with its weights frozen, for batches of '
+                        '--batch-size). Default: train.py does not compile; the inference CLIs compile where '
+                        '--fast-path auto predicts the compile pays for itself on the job (long CPU evaluations; '
+                        'docs/PERFORMANCE.md); --no-compile never compiles')
 
 
 def _input(g):

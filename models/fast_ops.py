@@ -21,8 +21,11 @@ Modes (`fast_path=` model kwarg, `VAN.set_fast_path`, `--fast-path`):
               = nhwc_lka's compile (cold, or from Inductor's disk cache when this job's kernels were compiled
               before: `kernels_cached`) + images x the model's GFLOPs x the measured seconds per image-GFLOP of
               the mode (`STEP_COST`, keyed by device type, CPU ISA, train or infer, precision and input size), and
-              picks the shortest. `FastPathJob` says what the job is (device type, train or infer, planned forward
-              passes, batch, image size, precision); the model fills in its GFLOPs and kernel keys. A run of
+              picks the shortest; for inference whose weights stay fixed (validate.py, predict.py) it also weighs
+              each mode with its weights frozen into one compiled graph (`compile_inference`, priced by
+              `FREEZE_COMPILE_COST`) and says so in `AutoPlan.freeze`. `FastPathJob` says what the job is (device
+              type, train or infer, planned forward passes, batch, image size, precision); the model fills in its
+              GFLOPs and kernel keys. A run of
               unknown length never compiles. Anything not measured (other devices, ISAs, precisions) runs 'none'.
               A model built with fast_path='auto' (timm.create_model, VAN(...)) knows neither its run length nor
               its input size: it gets the decision for a run of unknown length at its default size, for the

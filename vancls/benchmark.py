@@ -61,7 +61,8 @@ _OPTIONS = ('compile', 'freeze', 'fuse', 'ckpt', 'cl', 'amp', 'fusedadam', 'fore
 # classes (the CLIs: from the data), one fixed autocast dtype (the CLIs: by device, vancls.device.Amp), and --opt,
 # which here names the AdamW kernel (train.py: the optimizer, its kernel is --opt-impl). Every other shared option
 # takes vancls/config.py's DEFAULTS (tests/test_structure.py checks it).
-OWN_DEFAULTS = {'num_classes': 1000, 'amp_dtype': 'bfloat16', 'opt': 'auto'}
+OWN_DEFAULTS = {'num_classes': 1000, 'amp_dtype': 'bfloat16', 'opt': 'auto',
+                'compile': False}  # whole-model compile on top of every spec ('freeze' and 'auto' decide per spec)
 
 
 class _HelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -502,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--amp', action='store_true', help='autocast every configuration (see also the amp option)')
     p.add_argument('--amp-dtype', choices=('bfloat16', 'float16'), default=OWN_DEFAULTS['amp_dtype'],
                    help='autocast dtype of --amp and the amp option')
-    p.add_argument('--compile', action='store_true', help='torch.compile every configuration')
+    p.add_argument('--compile', action='store_true', default=OWN_DEFAULTS['compile'],
+                   help='torch.compile every configuration')
     p.add_argument('--opt', choices=('auto', 'adamw', 'adamw_fused', 'adamw_foreach', 'none'),
                    default=OWN_DEFAULTS['opt'],
                    help="optimizer step in the train step. auto: train.py's default (--opt-impl auto: fused AdamW "

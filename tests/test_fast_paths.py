@@ -641,3 +641,18 @@ def test_compile_inference_for_one_batch_size(tiny_batch, tmp_path, monkeypatch)
             _close(wrapped(x * 2), m(x * 2), 1e-5, 'batch 2 again, new values')
     assert m.complete_job(job).frozen_cached == ('nhwc',)
     assert len(wrapped.state_dict()) == len(fused.state_dict())  # the compiled module is not a second copy
+
+
+@pytest.mark.parametrize('mode', ['none', 'nhwc_lka'])
+def test_frozen_graph_under_bf16_autocast_agrees_with_none(tiny_batch, mode):
+    """--amp inference where auto freezes (nhwc_lka+freeze is the measured best in bf16 too; none+freeze the
+    plain one): the frozen graph's logits under bf16 autocast agree with 'none' under the same autocast within
+    bfloat16 rounding."""
+    x, _ = tiny_batch
+    base = _tiny_van()
+    _randomize_norms(base)
+    base.eval()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        plain = copy.deepcopy(base).set_fast_path('none')(x)
+        frozen = fast_ops.compile_inference(base.set_fast_path(mode).fuse(), 'cpu', batch_size=x.shape[0])
+        _close(frozen(x), plain, REL_BF16, f'{mode}+freeze logits under bf16 autocast')

@@ -23,7 +23,7 @@ import time
 import torch
 import torch.utils.data as tud
 
-from benchmarks.data_pipeline import _summary, recipe_transform, write_jpegs
+from benchmarks.data_pipeline import recipe_transform, report_rounds, write_jpegs
 
 
 def folder_in_shard_order(root: str, shards, transform):
@@ -99,23 +99,8 @@ def main(argv=None):
     interleaved_epoch(make_loaders(args.root, shard_dir, args.img_size, args.batch_size, 0))  # warm page cache
     print(f'{args.images} JPEGs, {args.img_size} px, batch {args.batch_size}, shards of <= {args.shard_size}; '
           f'one epoch of each per round, interleaved batch by batch, num_workers=0, 1 thread')
-    rates = {'folder': [], 'shards': []}
-    ratios, wall_ratios = [], []
-    for r in range(args.rounds):
-        res = interleaved_epoch(make_loaders(args.root, shard_dir, args.img_size, args.batch_size, 1 + r))
-        for name, (n, cpu, _) in res.items():
-            rates[name].append(n / cpu)
-        wall = {name: n / w for name, (n, _, w) in res.items()}
-        ratios.append(rates['shards'][-1] / rates['folder'][-1])
-        wall_ratios.append(wall['shards'] / wall['folder'])
-        print(f'round {r + 1}: per CPU-second: shards {rates["shards"][-1]:6.1f} img/s, folder '
-              f'{rates["folder"][-1]:6.1f} img/s, shards/folder {ratios[-1]:.3f} | wall: shards {wall["shards"]:6.1f}, '
-              f'folder {wall["folder"]:6.1f} img/s, shards/folder {wall_ratios[-1]:.3f}')
-    for name, v in rates.items():
-        print(_summary(f'{name} img/s per CPU-second', v, '.1f'))
-    print(_summary(f'shards/folder per CPU-second over {args.rounds} rounds', ratios))
-    print(_summary(f'shards/folder wall-clock over {args.rounds} rounds', wall_ratios))
-
+    report_rounds(lambda r: interleaved_epoch(make_loaders(args.root, shard_dir, args.img_size, args.batch_size,
+                                                           1 + r)), args.rounds, 'shards', 'folder')
 
 if __name__ == '__main__':
     main()

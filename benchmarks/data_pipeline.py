@@ -89,6 +89,27 @@ def interleaved_round(datasets: dict, batch_size: int, passes: int, first_epoch:
     return {name: tuple(t) for name, t in totals.items()}
 
 
+def report_rounds(run_round, rounds: int, new: str, old: str):
+    """Run `run_round(r)` -> {name: (images, cpu seconds, wall seconds)} for r in range(rounds), printing each
+    round's img/s per CPU-second and wall-clock of `new` and `old` and their ratio, then the summaries."""
+    cpu_rates = {new: [], old: []}
+    cpu_ratios, wall_ratios = [], []
+    for r in range(rounds):
+        res = run_round(r)
+        for name, (n, cpu, _) in res.items():
+            cpu_rates[name].append(n / cpu)
+        wall = {name: n / w for name, (n, _, w) in res.items()}
+        cpu_ratios.append(cpu_rates[new][-1] / cpu_rates[old][-1])
+        wall_ratios.append(wall[new] / wall[old])
+        print(f'round {r + 1}: per CPU-second: {new} {cpu_rates[new][-1]:6.1f} img/s, {old} '
+              f'{cpu_rates[old][-1]:6.1f} img/s, {new}/{old} {cpu_ratios[-1]:.3f} | wall: {new} {wall[new]:6.1f}, '
+              f'{old} {wall[old]:6.1f} img/s, {new}/{old} {wall_ratios[-1]:.3f}')
+    for name, v in cpu_rates.items():
+        print(_summary(f'{name} img/s per CPU-second', v, '.1f'))
+    print(_summary(f'{new}/{old} per CPU-second over {rounds} rounds', cpu_ratios))
+    print(_summary(f'{new}/{old} wall-clock over {rounds} rounds', wall_ratios))
+
+
 def _summary(label: str, values, fmt: str = '.3f') -> str:
     return f'{label}: median {statistics.median(values):{fmt}} (range {min(values):{fmt}}-{max(values):{fmt}})'
 
@@ -117,24 +138,10 @@ def main(argv=None):
 
     print(f'{len(datasets["ours"])} JPEGs under {root}, {args.img_size} px, batch {args.batch_size}, '
           f'{args.passes} pass(es) per round, interleaved batch by batch, num_workers=0, 1 thread')
-    cpu_rates = {name: [] for name in datasets}
-    cpu_ratios, wall_ratios = [], []
-    for r in range(args.rounds):
+    def run_round(r):
         order = list(datasets) if r % 2 == 0 else list(reversed(datasets))  # who goes first alternates
-        res = interleaved_round({k: datasets[k] for k in order}, args.batch_size, args.passes, 1 + r * args.passes)
-        for name, (n, cpu, _) in res.items():
-            cpu_rates[name].append(n / cpu)
-        wall = {name: n / w for name, (n, _, w) in res.items()}
-        cpu_ratios.append(cpu_rates['ours'][-1] / cpu_rates['timm'][-1])
-        wall_ratios.append(wall['ours'] / wall['timm'])
-        print(f'round {r + 1}: per CPU-second: ours {cpu_rates["ours"][-1]:6.1f} img/s, timm '
-              f'{cpu_rates["timm"][-1]:6.1f} img/s, ours/timm {cpu_ratios[-1]:.3f} | wall: ours {wall["ours"]:6.1f}, '
-              f'timm {wall["timm"]:6.1f} img/s, ours/timm {wall_ratios[-1]:.3f}')
-    for name, v in cpu_rates.items():
-        print(_summary(f'{name} img/s per CPU-second', v, '.1f'))
-    print(_summary(f'ours/timm per CPU-second over {args.rounds} rounds', cpu_ratios))
-    print(_summary(f'ours/timm wall-clock over {args.rounds} rounds', wall_ratios))
-
+        return interleaved_round({k: datasets[k] for k in order}, args.batch_size, args.passes, 1 + r * args.passes)
+    report_rounds(run_round, args.rounds, 'ours', 'timm')
 
 if __name__ == '__main__':
     main()

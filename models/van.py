@@ -395,11 +395,11 @@ class VAN(nn.Module):
         """`job` with what only the model knows: its GFLOPs per image and nhwc_lka's kernels for the job (their
         number, and whether Inductor's cache has them)."""
         sizes = self.conv_output_sizes(job.img_size or self.img_size)
-        dtype = getattr(torch, job.precision) if job.precision != 'float32' else next(self.parameters()).dtype
+        dtype = self._compute_dtype(job.precision)
         keys = fast_ops.lka_kernel_keys(sizes, job.batch_size or 32, dtype, job.kind == 'train')
         frozen = job.frozen_cached
         if job.can_freeze and frozen is None:
-            frozen = tuple(m for m in ('none', 'nhwc', 'nhwc_lka') if fast_ops.kernels_cached(
+            frozen = tuple(m for m in fast_ops.FAST_PATH_MODES if m != 'auto' and fast_ops.kernels_cached(
                 [fast_ops.frozen_graph_key(sizes, self.num_classes, job.batch_size or 32, dtype, m)]))
         return dataclasses.replace(
             job, gflops_per_image=job.gflops_per_image or fast_ops.forward_gflops(sizes), num_kernels=len(keys),
@@ -410,9 +410,13 @@ class VAN(nn.Module):
     def frozen_graph_key(self, img_size: int, batch_size: int, precision: str = 'float32') -> tuple:
         """The cache key of this model's frozen whole-model graph (`fast_ops.compile_inference`) in its current
         mode, for batches of `batch_size` images of `img_size` px in `precision`."""
-        dtype = getattr(torch, precision) if precision != 'float32' else next(self.parameters()).dtype
-        return fast_ops.frozen_graph_key(self.conv_output_sizes(img_size), self.num_classes, batch_size, dtype,
-                                         self.fast_path)
+        return fast_ops.frozen_graph_key(self.conv_output_sizes(img_size), self.num_classes, batch_size,
+                                         self._compute_dtype(precision), self.fast_path)
+
+    @torch.jit.ignore
+    def _compute_dtype(self, precision: str) -> torch.dtype:
+        """The dtype the convolutions compute in: the autocast precision, else the parameters' dtype."""
+        return getattr(torch, precision) if precision != 'float32' else next(self.parameters()).dtype
 
     @torch.jit.ignore
     def auto_plan(self) -> Optional[fast_ops.AutoPlan]:

@@ -18,12 +18,11 @@ Run from the repository root:  .venv/bin/python -m benchmarks.data_formats [--ro
 import argparse
 import json
 import os
-import time
 
 import torch
 import torch.utils.data as tud
 
-from benchmarks.data_pipeline import recipe_transform, report_rounds, write_jpegs
+from benchmarks.data_pipeline import recipe_transform, report_rounds, time_interleaved, write_jpegs
 
 
 def folder_in_shard_order(root: str, shards, transform):
@@ -60,23 +59,8 @@ def interleaved_epoch(loaders: dict) -> dict:
     """{name: (images, cpu_s, wall_s)} over one epoch of each loader, alternating batch by batch. Which loader goes
     first alternates too: the second to handle the same images (same draws) must not always be the same one."""
     totals = {name: [0, 0., 0.] for name in loaders}
-    iters = {name: iter(loader) for name, loader in loaders.items()}
-    step = 0
-    while iters:
-        step += 1
-        for name in list(iters)[::1 if step % 2 else -1]:
-            c0, w0 = time.process_time(), time.perf_counter()
-            batch = next(iters[name], None)
-            c1, w1 = time.process_time(), time.perf_counter()
-            if batch is None:
-                del iters[name]
-                continue
-            t = totals[name]
-            t[0] += batch[0].shape[0]
-            t[1] += c1 - c0
-            t[2] += w1 - w0
+    time_interleaved(loaders, totals, alternate=True)
     return {name: tuple(t) for name, t in totals.items()}
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])

@@ -69,24 +69,33 @@ def interleaved_round(datasets: dict, batch_size: int, passes: int, first_epoch:
     pass, so its augmentation draws (hence the cost of the crops and RandAugment ops) vary as timm's do."""
     totals = {name: [0, 0., 0.] for name in datasets}
     for epoch in range(first_epoch, first_epoch + passes):
-        iters = {}
+        loaders = {}
         for name, ds in datasets.items():
             if hasattr(ds, 'set_epoch'):
                 ds.set_epoch(epoch)
-            iters[name] = iter(tud.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0))
-        while iters:
-            for name in list(iters):
-                c0, w0 = time.process_time(), time.perf_counter()
-                batch = next(iters[name], None)
-                c1, w1 = time.process_time(), time.perf_counter()
-                if batch is None:
-                    del iters[name]
-                    continue
-                t = totals[name]
-                t[0] += batch[0].shape[0]
-                t[1] += c1 - c0
-                t[2] += w1 - w0
+            loaders[name] = tud.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
+        time_interleaved(loaders, totals)
     return {name: tuple(t) for name, t in totals.items()}
+
+
+def time_interleaved(loaders: dict, totals: dict, alternate: bool = False):
+    """One epoch of every loader, batch by batch in turn, adding (images, cpu_s, wall_s) to totals[name].
+    alternate: reverse the order every other turn (who handles the same images second must not always be the same)."""
+    iters = {name: iter(loader) for name, loader in loaders.items()}
+    turn = 0
+    while iters:
+        turn += 1
+        for name in list(iters)[::-1 if alternate and turn % 2 == 0 else 1]:
+            c0, w0 = time.process_time(), time.perf_counter()
+            batch = next(iters[name], None)
+            c1, w1 = time.process_time(), time.perf_counter()
+            if batch is None:
+                del iters[name]
+                continue
+            t = totals[name]
+            t[0] += batch[0].shape[0]
+            t[1] += c1 - c0
+            t[2] += w1 - w0
 
 
 def report_rounds(run_round, rounds: int, new: str, old: str):

@@ -1,6 +1,7 @@
 """Shared fixtures: a session-wide digits ImageFolder tree and a CLI runner (pytest.ini puts the repo root on
 sys.path)."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +16,24 @@ def digits_dir(tmp_path_factory):
     """scikit-learn digits written as PNGs (train/ and val/, 10 classes, 32x32), once per test session."""
     from vancls.digits import write_digits
     return write_digits(str(tmp_path_factory.mktemp('digits')))
+
+
+@pytest.fixture(scope='module')
+def module_tmp(tmp_path_factory, request):
+    """mktemp for module-scoped fixtures. Their folders (checkpoints of 47 MB each) go when the module ends with no
+    test failed, as pytest.ini's tmp_path_retention_policy does for tmp_path: the suite's peak disk use stays
+    ~1 GB instead of growing to the ~5 GB a whole run writes (a CI machine's /tmp filled up)."""
+    made = []
+    failed_before = request.session.testsfailed
+
+    def mktemp(name):
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    if request.session.testsfailed == failed_before:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def cli_env(**extra):

@@ -58,13 +58,13 @@ def _train(digits_dir, out, mode, *extra, env=None):
 
 
 @pytest.fixture(scope='module')
-def reference(digits_dir, tmp_path_factory):
+def reference(digits_dir, module_tmp):
     """mode -> the folder of an uninterrupted run in that mode (run on first use)."""
     runs = {}
 
     def get(mode):
         if mode not in runs:
-            out = tmp_path_factory.mktemp(f'ref-{mode}')
+            out = module_tmp(f'ref-{mode}')
             r = _train(digits_dir, out, mode)
             assert r.returncode == 0, r.stderr[-3000:]
             assert f'fast path {mode}\n' in r.stdout, r.stdout[-2000:]

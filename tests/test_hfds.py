@@ -17,14 +17,14 @@ CFG = {'input_size': (3, 32, 32), 'interpolation': 'bilinear', 'mean': (0.5,) * 
 
 
 @pytest.fixture(scope='module')
-def hf_saved(digits_dir, tmp_path_factory):
+def hf_saved(digits_dir, module_tmp):
     """A DatasetDict (train: 2 digits per class, validation: 1 per class) saved with save_to_disk; its source tree
     and build cache are deleted, so only the saved set remains. `datasets` is kept offline meanwhile."""
     try:
         import datasets
     except ImportError:
         skip_or_fail('hfds/: the datasets package is missing (pip install datasets; requirements.txt has it)')
-    root = tmp_path_factory.mktemp('hfds')
+    root = module_tmp('hfds')
     tree = _small_tree(digits_dir, root / 'tree', per_class=2)
     for cls in os.listdir(os.path.join(tree, 'val')):  # 1 validation image per class
         for f in sorted(os.listdir(os.path.join(tree, 'val', cls)))[1:]:

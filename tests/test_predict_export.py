@@ -30,9 +30,9 @@ def _cli(module, argv):
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory, digits_dir):
+def trained(module_tmp, digits_dir):
     data = digits_dir  # tests/conftest.py: the digits ImageFolder tree, written once per session
-    out = str(tmp_path_factory.mktemp('train'))
+    out = str(module_tmp('train'))
     # 2 epochs of 24 steps of 32 images (a third of the digits, twice): about 74% top-1 (train.py's eval)
     argv = [data, '--model', 'van_b0', '--img-size', '32', '--epochs', '2', '--max-steps', '24', '-b', '32',
             '--lr', '2e-3', '--warmup-epochs', '0', '--smoothing', '0', '--drop-path', '0', '--aa', 'none',

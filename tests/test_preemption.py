@@ -193,8 +193,8 @@ def _preempt_line(folder):
 
 
 @pytest.fixture(scope='module')
-def reference_1p(digits_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp('ref1p')
+def reference_1p(digits_dir, module_tmp):
+    out = module_tmp('ref1p')
     r = run_cli('train.py', digits_dir, *PREEMPT_ARGS, '--workers', '2', '--output', out)
     assert r.returncode == 0, r.stderr[-3000:]
     return out / 'run' / 'last.pth.tar'
@@ -308,8 +308,8 @@ def _torchrun_args(digits_dir, out):
 
 
 @pytest.fixture(scope='module')
-def reference_2p(digits_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp('ref2p')
+def reference_2p(digits_dir, module_tmp):
+    out = module_tmp('ref2p')
     r = subprocess.run([*TORCHRUN, *map(str, _torchrun_args(digits_dir, out))], cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -42,9 +42,9 @@ def scaled(line: str) -> str:
 
 
 @pytest.fixture(scope='module')
-def workspace(tmp_path_factory, digits_dir):
+def workspace(module_tmp, digits_dir):
     """The repository root as the README's commands see it, with its own data/digits and output/."""
-    ws = tmp_path_factory.mktemp('readme')
+    ws = module_tmp('readme')
     for name in ('train.py', 'validate.py', 'predict.py', 'export.py', 'models', 'vancls', 'configs'):
         os.symlink(os.path.join(ROOT, name), ws / name)
     shutil.copytree(os.path.join(ROOT, 'test'), ws / 'test', ignore=shutil.ignore_patterns('output'))  # own test/output

@@ -214,9 +214,9 @@ def test_one_and_two_processes_with_equal_global_batch(digits_dir, tmp_path):
 
 
 @pytest.fixture(scope='module')
-def digits_ckpt(tmp_path_factory, digits_dir):
+def digits_ckpt(module_tmp, digits_dir):
     """A 10-class van_b0 trained briefly on the digits at 32 px (checkpoint with class names)."""
-    out = tmp_path_factory.mktemp('recipes')
+    out = module_tmp('recipes')
     r = run_cli('train.py', digits_dir, *FAST_TRAIN_ARGS, '--epochs', '1', '--max-steps', '8', '-b', '32',
                 '--lr', '2e-3', '--workers', '0', '--output', out, '--experiment', 'digits', env=cli_env())
     assert r.returncode == 0, r.stderr[-3000:]

@@ -137,13 +137,13 @@ def test_reference_option_parses_and_applies(script, flags, default, kind, monke
 
 
 @pytest.fixture(scope='module')
-def setup_walk(digits_dir, tmp_path_factory):
+def setup_walk(digits_dir, module_tmp):
     """script -> the command line an accepted option is added to for the setup walk: the digits at 32 px on the
     CPU, no loader workers (the option comes last and wins). validate.py gets a checkpoint of van_b0 for the digits,
     and --pretrained a local official-layout file (--pretrained-path: no download)."""
     import timm
     import models  # noqa: F401 - registers VAN
-    folder = tmp_path_factory.mktemp('setup-walk')
+    folder = module_tmp('setup-walk')
     model = timm.create_model('van_b0', num_classes=10)
     torch.save({'state_dict': model.state_dict(), 'arch': 'van_b0', 'class_names': [str(i) for i in range(10)]},
                folder / 'digits.pth.tar')
@@ -384,9 +384,9 @@ class _RunsCode:
 
 
 @pytest.fixture(scope='module')
-def trained(digits_dir, tmp_path_factory):
+def trained(digits_dir, module_tmp):
     """A van_b0 trained briefly on digits at 32 px by train.py (good enough that predictions differ per image)."""
-    out = tmp_path_factory.mktemp('trained')
+    out = module_tmp('trained')
     r = run_cli('train.py', digits_dir, *FAST_TRAIN_ARGS, '-b', '32', '--lr', '2e-3', '--epochs', '2',
                 '--workers', '0', '--output', out, '--experiment', 'x', timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -394,9 +394,9 @@ def trained(digits_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def ref_ckpt(trained, tmp_path_factory):
+def ref_ckpt(trained, module_tmp):
     """(reference-layout file, the same weights as a plain state dict file, the EMA weights as one)."""
-    folder = tmp_path_factory.mktemp('ref')
+    folder = module_tmp('ref')
     ours = torch.load(trained, map_location='cpu', weights_only=True)
     weights = ours['state_dict']
     ema = {k: v * 0.5 if v.is_floating_point() and k.endswith('weight') else v.clone() for k, v in weights.items()}

@@ -38,8 +38,8 @@ def _folder_snapshot(folder):
 
 
 @pytest.fixture(scope='module')
-def reference_run(digits_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp('ref')
+def reference_run(digits_dir, module_tmp):
+    out = module_tmp('ref')
     r = run_cli('train.py', digits_dir, *RESUME_ARGS, '--output', out)
     assert r.returncode == 0, r.stderr[-3000:]
     return out / 'run'
@@ -96,9 +96,9 @@ def test_torchrun_restart_after_worker_killed(digits_dir, tmp_path):
 
 
 @pytest.fixture(scope='module')
-def odd_tree(digits_dir, tmp_path_factory):
+def odd_tree(digits_dir, module_tmp):
     """Digits with 3 unreadable files and 4 unusual but valid ones."""
-    root = tmp_path_factory.mktemp('odd')
+    root = module_tmp('odd')
     for split in ('train', 'val'):
         for cls in range(10):
             src = os.path.join(digits_dir, split, str(cls))
@@ -180,8 +180,8 @@ def test_malicious_pickle_is_refused(digits_dir, tmp_path):
 
 
 @pytest.fixture(scope='module')
-def trained_ckpt(digits_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp('ck')
+def trained_ckpt(digits_dir, module_tmp):
+    out = module_tmp('ck')
     r = run_cli('train.py', digits_dir, *FAST_TRAIN_ARGS, '-b', '16', '--epochs', '1', '--max-steps', '2',
                 '--workers', '0', '--no-eval', '--output', out, '--experiment', 'e')
     assert r.returncode == 0, r.stderr[-2000:]

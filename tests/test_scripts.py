@@ -197,15 +197,15 @@ def digits():
 
 
 @pytest.fixture(scope='module')
-def small_digits(digits, tmp_path_factory):
+def small_digits(digits, module_tmp):
     """20 train / 10 val images per class (symlinks): 2 ranks x 16 x 6 steps fit in one epoch; evaluation is short."""
-    return _link_subset(digits, str(tmp_path_factory.mktemp('data') / 'digits_small'), {'train': 20, 'val': 10})
+    return _link_subset(digits, str(module_tmp('data') / 'digits_small'), {'train': 20, 'val': 10})
 
 
 @pytest.fixture(scope='module')
-def five_digits(digits, tmp_path_factory):
+def five_digits(digits, module_tmp):
     """Classes 0-4 only: a data set with another number of classes for fine-tuning (100 train, 50 val)."""
-    return _link_subset(digits, str(tmp_path_factory.mktemp('data') / 'digits5'), {'train': 20, 'val': 10},
+    return _link_subset(digits, str(module_tmp('data') / 'digits5'), {'train': 20, 'val': 10},
                         classes={'0', '1', '2', '3', '4'})
 
 
@@ -216,8 +216,8 @@ FULL_8P_ARGS = [*FAST, '--log-interval', '1']
 
 
 @pytest.fixture(scope='module')
-def full_8p(small_digits, tmp_path_factory):
-    out = tmp_path_factory.mktemp('full8p')
+def full_8p(small_digits, module_tmp):
+    out = module_tmp('full8p')
     p = run_script('train_full_8p.sh', f'--data_path={small_digits}', *FULL_8P_ARGS, out_root=out, env=FULL_8P_ENV)
     return p, out
 

@@ -34,16 +34,16 @@ def _small_tree(src, dst, per_class):
 
 
 @pytest.fixture(scope='module')
-def shards(digits_dir, tmp_path_factory):
+def shards(digits_dir, module_tmp):
     """The digits as shards of ~100 KB: 53 train and 14 val shards of 27-28 samples (the last ones shorter)."""
-    out = str(tmp_path_factory.mktemp('shards') / 'digits')
+    out = str(module_tmp('shards') / 'digits')
     convert(digits_dir, out, '100KB', name='digits')
     return out
 
 
 @pytest.fixture(scope='module')
-def digits_tar(digits_dir, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp('tar') / 'digits.tar')
+def digits_tar(digits_dir, module_tmp):
+    path = str(module_tmp('tar') / 'digits.tar')
     with tarfile.open(path, 'w') as tar:
         tar.add(digits_dir, arcname='digits')  # under one leading folder, as `tar cf digits.tar digits` makes
     return path

@@ -20,9 +20,9 @@ def digits_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def module_tmp(tmp_path_factory, request):
-    """mktemp for module-scoped fixtures. Their folders (checkpoints of 47 MB each) go when the module ends with no
-    test failed, as pytest.ini's tmp_path_retention_policy does for tmp_path: the suite's peak disk use stays
-    ~1 GB instead of growing to the ~5 GB a whole run writes (a CI machine's /tmp filled up)."""
+    """mktemp for module-scoped fixtures. Their folders (training runs' checkpoints) go when the module ends with no
+    test failed, as pytest.ini's tmp_path_retention_policy does for tmp_path, so that the suite's disk use stays at
+    what the running tests hold instead of everything a whole run writes (docs/PERFORMANCE.md, "Disk")."""
     made = []
     failed_before = request.session.testsfailed
 

@@ -277,3 +277,35 @@ def test_option_reads_the_table_where_a_parser_lacks_the_option():
     assert option(argparse.Namespace(seed=7), 'seed') == 7
     with pytest.raises(KeyError):
         option(argparse.Namespace(), 'no_such_option')  # only options of the table have a default here
+
+
+def _fixtures_that_keep_folders(source: str) -> list:
+    """Names of module- or class-scoped fixtures in `source` that make folders with tmp_path_factory.mktemp: those
+    outlive their module (pytest's retention policy covers tmp_path only)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        scopes = [kw.value.value for dec in node.decorator_list if isinstance(dec, ast.Call)
+                  for kw in dec.keywords if kw.arg == 'scope' and isinstance(kw.value, ast.Constant)]
+        makes = any(isinstance(n, ast.Attribute) and n.attr == 'mktemp' and isinstance(n.value, ast.Name)
+                    and n.value.id == 'tmp_path_factory' for n in ast.walk(node))
+        if makes and scopes and scopes[0] in ('module', 'class', 'package'):
+            found.append(node.name)
+    return found
+
+
+def test_module_fixtures_use_module_tmp():
+    """A whole `make test` writes GBs of checkpoints; a module-scoped fixture must take its folders from conftest's
+    module_tmp (removed when the module passes), or the disk CI runs on fills up again (docs/PERFORMANCE.md, Disk)."""
+    bad = textwrap.dedent('''
+        @pytest.fixture(scope='module')
+        def run(tmp_path_factory):
+            return tmp_path_factory.mktemp('run')
+    ''')
+    assert _fixtures_that_keep_folders(bad) == ['run']  # the check sees the pattern it forbids
+    tests_dir = os.path.join(ROOT, 'tests')
+    offenders = {name: found for name in sorted(os.listdir(tests_dir)) if name.endswith('.py')
+                 for found in [_fixtures_that_keep_folders(open(os.path.join(tests_dir, name)).read())] if found}
+    assert offenders.pop('conftest.py', None) == ['module_tmp']  # the one fixture that makes and removes them
+    assert offenders == {}, f'use the module_tmp fixture (tests/conftest.py) in {offenders}'

@@ -62,6 +62,7 @@ def interleaved_epoch(loaders: dict) -> dict:
     time_interleaved(loaders, totals, alternate=True)
     return {name: tuple(t) for name, t in totals.items()}
 
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--root', default='/tmp/vancls_formats_bench', help='work folder (JPEG tree and shards, reused)')
@@ -85,6 +86,7 @@ def main(argv=None):
           f'one epoch of each per round, interleaved batch by batch, num_workers=0, 1 thread')
     report_rounds(lambda r: interleaved_epoch(make_loaders(args.root, shard_dir, args.img_size, args.batch_size,
                                                            1 + r)), args.rounds, 'shards', 'folder')
+
 
 if __name__ == '__main__':
     main()
